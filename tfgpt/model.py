@@ -163,7 +163,7 @@ class GPT(keras.Model):
         weights = self.trainable_weights
         grads = tape.gradient(loss, weights)
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        self.optimizer.apply_gradients(zip(grads, weights))
+        self.optimizer.apply_gradients(zip(grads, weights, strict=True))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     # ----------------------------------------------------------- serialising
