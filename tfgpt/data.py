@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from tfgpt.tokenizer import Tokenizer
+from tfgpt.tokenizer import Tokenizer, atomic_write, make_readable
 
 DEFAULT_SOURCE = "roneneldan/TinyStories"
 EOT = "<|endoftext|>"
@@ -495,7 +495,7 @@ def _ensure_cache(source: str, tokenizer: Tokenizer, split: str, *, cache_dir: s
         "seconds": round(time.time() - start, 2),
         "path": str(bin_path),
     }
-    _atomic_write_text(index_path, json.dumps(index, indent=2) + "\n")
+    atomic_write(index_path, (json.dumps(index, indent=2) + "\n").encode())
     return np.memmap(bin_path, dtype=dtype, mode="r"), index
 
 
@@ -561,6 +561,7 @@ def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, 
                 stats["bytes"] += n_bytes
                 bar.set_postfix(tokens=f"{stats['tokens']:.3g}", refresh=False)
             stats["stories"] = bar.n
+        make_readable(tmp)
         os.replace(tmp, bin_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -576,17 +577,6 @@ def _counted(chunks: Iterator[list[str]], bar: Any) -> Iterator[list[str]]:
     for chunk in chunks:
         bar.update(len(chunk))
         yield chunk
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ========================================================================================== tf.data windows

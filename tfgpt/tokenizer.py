@@ -256,9 +256,9 @@ def train_tokenizer(
         "sha256": tokenizer.sha256,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / MODEL_FILE, tokenizer.model_proto)
-    _atomic_write(out_dir / VOCAB_FILE, vocab_lines.encode("utf-8"))
-    _atomic_write(out_dir / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode())
+    atomic_write(out_dir / MODEL_FILE, tokenizer.model_proto)
+    atomic_write(out_dir / VOCAB_FILE, vocab_lines.encode("utf-8"))
+    atomic_write(out_dir / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode())
     return tokenizer
 
 
@@ -278,16 +278,25 @@ class _Counter:
                 yield story
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same directory and os.replace."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a mkstemp file (mode 0600) the usual mode of a new file (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _escape(piece: str) -> str:
