@@ -507,13 +507,13 @@ def _init_worker(model_proto: bytes) -> None:
     _WORKER_TOKENIZER = Tokenizer(model_proto)
 
 
-def _encode_chunk_in_worker(stories: list[str]) -> tuple[bytes, int, int]:
+def _encode_chunk_in_worker(stories: list[str]) -> tuple[bytes, int, int, int]:
     assert _WORKER_TOKENIZER is not None
     return _encode_chunk(_WORKER_TOKENIZER, stories)
 
 
-def _encode_chunk(tokenizer: Tokenizer, stories: list[str]) -> tuple[bytes, int, int]:
-    """(token bytes of `s1 eos s2 eos ...`, token count, UTF-8 byte count) of a chunk of stories."""
+def _encode_chunk(tokenizer: Tokenizer, stories: list[str]) -> tuple[bytes, int, int, int]:
+    """(token bytes of `s1 eos s2 eos ...`, stories, tokens, UTF-8 bytes) of a chunk of stories."""
     flat: list[int] = []
     eos = tokenizer.eos_id
     for ids in tokenizer.encode_batch(stories):
@@ -521,7 +521,7 @@ def _encode_chunk(tokenizer: Tokenizer, stories: list[str]) -> tuple[bytes, int,
         flat.append(eos)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     n_bytes = sum(len(s.encode("utf-8")) for s in stories)
-    return np.asarray(flat, dtype=dtype).tobytes(), len(flat), n_bytes
+    return np.asarray(flat, dtype=dtype).tobytes(), len(stories), len(flat), n_bytes
 
 
 def _chunks(stories: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
@@ -552,15 +552,15 @@ def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, 
             if workers > 1:
                 ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
                 pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_proto,))
-                results: Iterable[tuple[bytes, int, int]] = pool.imap(_encode_chunk_in_worker, _counted(chunks, bar))
+                results: Iterable[tuple[bytes, int, int, int]] = pool.imap(_encode_chunk_in_worker, _counted(chunks, bar))
             else:
                 results = (_encode_chunk(tokenizer, c) for c in _counted(chunks, bar))
-            for data, n_tokens, n_bytes in results:
+            for data, n_stories, n_tokens, n_bytes in results:
                 out.write(data)
+                stats["stories"] += n_stories
                 stats["tokens"] += n_tokens
                 stats["bytes"] += n_bytes
                 bar.set_postfix(tokens=f"{stats['tokens']:.3g}", refresh=False)
-            stats["stories"] = bar.n
         make_readable(tmp)
         os.replace(tmp, bin_path)
     except BaseException:

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -226,6 +227,12 @@ def train_tokenizer(
         message = _sp_message(exc)
         if counter.count == 0:
             raise TokenizerError("no stories to train the tokenizer on; check --data") from None
+        required = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+        if required:
+            raise TokenizerError(
+                f"vocab size {vocab_size} is too small: byte fallback, the special pieces and the "
+                f"characters of the data need {required.group(2)}; use --vocab-size >= {required.group(2)}"
+            ) from None
         if "vocabulary size" in message.lower() or "vocab_size" in message.lower():
             raise TokenizerError(
                 f"vocab size {vocab_size} is larger than the tokenizer can learn from "
