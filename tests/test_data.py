@@ -338,7 +338,7 @@ def test_missing_path(tmp_path):
     [
         ("empty.txt", b"", "is empty"),
         ("spaces.txt", b"  \n\n \n", "is empty"),
-        ("only_tail.txt", "A story that never ends".encode(), None),
+        ("only_tail.txt", b"A story that never ends", None),
         ("only_cut.txt", f"{EOT}\nthe rest was cut".encode(), "no stories found"),
     ],
 )
@@ -354,7 +354,7 @@ def test_empty_or_storyless_files(tmp_path, name, content, match):
 
 
 def test_undecodable_bytes_name_file_and_offset(tmp_path):
-    good = "Line one of a story.\nLine two.\n".encode()
+    good = b"Line one of a story.\nLine two.\n"
     path = tmp_path / "bad.txt"
     path.write_bytes(good + b"caf\xe9 au lait\n\n" + b"Another story.\n")
     with pytest.raises(DataError, match=rf"bad.txt: invalid UTF-8 at byte offset {len(good) + 3}\b") as e:
