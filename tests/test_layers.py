@@ -346,3 +346,16 @@ def test_layer_config_round_trip(cls: type, kwargs: dict, shape: tuple | None) -
     assert keras.saving.get_registered_name(cls) == f"tfgpt>{cls.__name__}"
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(again) is cls and again.get_config() == config
+
+
+@pytest.mark.parametrize("fast_attention", [False, True])
+def test_attention_dropout_applies_in_training(fast_attention: bool) -> None:
+    """attention_dropout acts on the probabilities in training (also when the fused kernel is on)."""
+    attn = CausalSelfAttention(D, H, attention_dropout=0.5, fast_attention=fast_attention)
+    x = x_input(B, T, D)
+    attn.build(x.shape)
+    randomize(attn)
+    inference = ops.convert_to_numpy(attn(x))
+    np.testing.assert_allclose(inference, np_attention(attn, x), atol=1e-4, rtol=1e-4)
+    training = ops.convert_to_numpy(attn(x, training=True))
+    assert np.abs(training - inference).max() > 1e-2

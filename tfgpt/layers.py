@@ -163,6 +163,9 @@ class CausalSelfAttention(keras.layers.Layer):
     `where`, so no large constant ever meets half precision). The scores and the softmax are computed
     in float32; dropout (rate `attention_dropout`) is applied to the attention probabilities.
 
+    `fast_attention=True` uses `keras.ops.dot_product_attention` (the backend's fused kernel) instead,
+    except while training with attention dropout, which that kernel does not support.
+
     Incremental decoding: with `cache` (B, 2, S, H, d_k) holding keys and values of earlier
     positions, the new keys/values of the T input tokens are written at `cache_index` (with
     `slice_update`) and the queries attend over all S cached slots under the same causal rule
@@ -229,7 +232,8 @@ class CausalSelfAttention(keras.layers.Layer):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, d_k)
 
         if cache is None:
-            if self.fast_attention:
+            # The fused kernel has no dropout: with attention dropout active, use the explicit path.
+            if self.fast_attention and not (training and self.attention_dropout > 0):
                 y = ops.dot_product_attention(q, k, v, is_causal=True)
             else:
                 y = self.attend(q, k, v, causal_mask(seq_len, seq_len), training=training)
