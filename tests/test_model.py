@@ -465,3 +465,14 @@ def test_xla_forward_equals_eager() -> None:
     pre = build_model(tiny())
     pre.compile(jit_compile=True)
     np.testing.assert_allclose(pre.predict_on_batch(ids), to_np(pre(ids)), atol=1e-5)
+
+
+def test_sequence_longer_than_context_is_a_clear_error() -> None:
+    cfg = tiny(context=16)
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match="17 tokens from position 0 exceed the context of 16"):
+        model(random_ids(1, 17))
+    with pytest.raises(ValueError, match="3 tokens from position 14 exceed the context of 16"):
+        model.call_with_cache(random_ids(1, 3), model.init_cache(1), 14)
+    logits, _ = model.call_with_cache(random_ids(1, 2), model.init_cache(1), 14)  # exactly fills it
+    assert tuple(logits.shape) == (1, 2, cfg.vocab_size)

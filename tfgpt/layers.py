@@ -123,6 +123,14 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
 
     def call(self, token_ids, start_index=0):
         seq_len = ops.shape(token_ids)[-1]
+        static_len = token_ids.shape[-1]
+        known = isinstance(static_len, int) and isinstance(start_index, int)
+        if known and start_index + static_len > self.context:
+            # Out-of-range positions would fail deep in a gather on CPU and read zeros on GPU.
+            raise ValueError(
+                f"{static_len} tokens from position {start_index} exceed the context of {self.context}; "
+                f"feed at most the last {self.context - start_index} tokens (or use a larger context)"
+            )
         tok = ops.take(self.token_embeddings, token_ids, axis=0)  # (B, T, D)
         positions = ops.arange(seq_len, dtype="int32") + ops.cast(start_index, "int32")
         pos = ops.take(self.position_table(), positions, axis=0)  # (T, D)
