@@ -1,0 +1,490 @@
+"""Text generation: one cached decoding loop and its samplers, used by the CLI, training's samples and export.
+
+The loop (`Decoder`) is written in graph-friendly TensorFlow so that one call is one graph:
+
+    prefill   logits, cache = model.call_with_cache(prompts[:, :P], cache, 0)     # the prompt, once
+    repeat    x_p ~ sample(logits_{p-1})        (or the prompt token while p is inside a row's prompt)
+              logits_p, cache = model.call_with_cache(x_p, cache, p − w)         # one token per step
+    until     every row emitted the end-of-text token or its `max_new_tokens`.
+
+Prompts of different lengths share the batch left-aligned: row r's token at absolute position p sits at
+position p (so learned positions stay right), and while p < len(prompt_r) the "sampled" token is replaced
+by the prompt's own token (keras-hub's approach). The prefill covers a fixed bucket P of positions; rows
+with shorter prompts have padding there, which the loop overwrites position by position before any
+query can attend to it (the causal mask only looks back). Each row's output therefore equals the row
+generated alone.
+
+Past the context T the window slides in chunks: when the cache is full, the last `keep = T − T/4`
+tokens are prefilled again at positions 0…keep−1 and decoding goes on (window start `w`). The uncached
+path (`use_cache=False`, the reference and the benchmark baseline) runs the full model over the same
+window at every step, so both paths condition on the same tokens.
+
+Shapes are fixed per call (batch B, prompt bucket P, buffer length N), the sampling settings are tensors,
+and randomness is stateless (row seed, position): the compiled graph is reused across calls with other
+prompts, temperatures or seeds, and the same seed gives the same text.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+#: The model `generate.py` and `evaluate.py` use when no --model is given (a run directory).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "runs" / "shipped"
+#: Prompts are padded to a multiple of this many tokens (one compiled graph per bucket).
+PROMPT_BUCKET = 16
+#: The token buffer (prompt + new tokens) is padded to a multiple of this many tokens.
+LENGTH_BUCKET = 64
+
+
+class GenerationError(ValueError):
+    """A generation argument is invalid; the message says which and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- samplers
+def check_sampling(
+    max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> None:
+    """Raise GenerationError for settings outside their ranges (max_new_tokens ≥ 1, temperature ≥ 0,
+    top_k ≥ 0 (0 = off), 0 < top_p ≤ 1)."""
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens
+                                       or max_new_tokens < 1):
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
+        raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+def filter_logits(logits: tf.Tensor, top_k: tf.Tensor | int, top_p: tf.Tensor | float) -> tf.Tensor:
+    """Set logits outside the top-k set and outside the nucleus to −∞.
+
+    logits (B, V) float32; top_k int (0 = off); top_p float in (0, 1] (1 = off). Top-k is applied
+    first, then top-p on the renormalised top-k distribution: the nucleus is the smallest prefix of the
+    tokens sorted by probability whose mass reaches top_p (the most likely token is always kept).
+    Ties with the last kept logit are kept too.
+    """
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    vocab = tf.shape(logits)[-1]
+    top_k = tf.cast(top_k, tf.int32)
+    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
+    sorted_logits = tf.sort(logits, axis=-1, direction="DESCENDING")  # (B, V)
+    rank = tf.range(vocab)[None, :]
+    sorted_logits_k = tf.where(rank < k, sorted_logits, -math.inf)
+    probs = tf.nn.softmax(sorted_logits_k, axis=-1)
+    mass_before = tf.math.cumsum(probs, axis=-1, exclusive=True)  # mass of the better-ranked tokens
+    keep = (rank < k) & (mass_before < tf.cast(top_p, tf.float32))
+    n_keep = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1), 1)  # (B,)
+    threshold = tf.gather(sorted_logits, n_keep - 1, axis=1, batch_dims=1)  # (B,)
+    return tf.where(logits >= threshold[:, None], logits, -math.inf)
+
+
+def sample_logits(
+    logits: tf.Tensor,
+    temperature: tf.Tensor | float,
+    top_k: tf.Tensor | int,
+    top_p: tf.Tensor | float,
+    seeds: tf.Tensor,
+    step: tf.Tensor | int = 0,
+) -> tf.Tensor:
+    """Next token ids (B,) int32 from logits (B, V): greedy (argmax) when temperature == 0, otherwise a
+    draw from softmax(filter_logits(logits / temperature, top_k, top_p)).
+
+    Draws use the Gumbel-max trick, argmax(l + g) with g = −log(−log u), u ~ U(0, 1), and row r's noise
+    comes from the stateless seed (seeds[r], step) (Philox): a row's draw depends only on its own logits,
+    seed and step, never on the rest of the batch, and is the same in eager, graph and XLA runs.
+    (XLA has no kernel for tf.random.stateless_categorical, hence the Gumbel form.)
+    """
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    temperature = tf.cast(temperature, tf.float32)
+    top_k = tf.cast(top_k, tf.int32)
+    top_p = tf.cast(top_p, tf.float32)
+    step = tf.cast(step, tf.int64)
+
+    def greedy():
+        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+    def draw():
+        scaled = logits / tf.maximum(temperature, 1e-30)
+        filtered = tf.cond((top_k > 0) | (top_p < 1.0), lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
+        vocab = tf.shape(filtered)[-1:]
+        u = tf.map_fn(
+            lambda s: tf.random.stateless_uniform(vocab, tf.stack([s, step]), minval=1e-20, maxval=1.0, alg="philox"),
+            tf.cast(seeds, tf.int64),
+            fn_output_signature=tf.float32,
+        )  # (B, V)
+        return tf.argmax(filtered - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
+
+    return tf.cond(temperature > 0, draw, greedy)
+
+
+# ------------------------------------------------------------------------------- decoder
+class Decoder:
+    """The decoding loop of one model, as graph-friendly functions of a state dict.
+
+    `init` prefills, `body` advances one position, `cond` says whether to go on; `run` is the whole
+    loop as one `tf.while_loop`. Python callers use `generate`/`stream` (compiled per shape), export
+    wraps `run` in its SavedModel signature. All shapes may be dynamic (export) or static (XLA).
+
+    State: p (position to fill next), w (window start), logits (B, V) predicting position p, cache
+    (B, L, 2, C, H, d_k) or a dummy scalar when uncached, buffer (B, N) token ids, done (B,) bool,
+    n_new (B,) new tokens written per row. Params: prompt_lens (B,), ends (B,) = prompt_lens +
+    max_new_tokens, stop = max(ends), temperature, top_k, top_p (scalars), seeds (B,) = seed + row index,
+    eos_id (scalar, −1 = none).
+    """
+
+    def __init__(self, model: Any, use_cache: bool = True) -> None:
+        self.model = model
+        self.use_cache = bool(use_cache)
+        self.context = int(model.config.context)
+        self.keep = self.context - max(1, self.context // 4)
+
+    # The window (cache) length C = min(T, N): a Python int when N is static, else a tensor.
+    def _window_len(self, buffer: tf.Tensor):
+        n = buffer.shape[1]
+        return min(self.context, n) if n is not None else tf.minimum(self.context, tf.shape(buffer)[1])
+
+    def _may_slide(self, buffer: tf.Tensor) -> bool:
+        n = buffer.shape[1]
+        return n is None or n > self.context
+
+    def _window(self, buffer: tf.Tensor, start: tf.Tensor, length) -> tf.Tensor:
+        """buffer[:, start : start + length] as a gather (positions past the end are clipped)."""
+        idx = tf.minimum(start + tf.range(length), tf.shape(buffer)[1] - 1)
+        return tf.gather(buffer, idx, axis=1)
+
+    def params(
+        self,
+        prompt_lens: tf.Tensor,
+        max_new_tokens: tf.Tensor,
+        temperature: tf.Tensor,
+        top_k: tf.Tensor,
+        top_p: tf.Tensor,
+        seed: tf.Tensor,
+        eos_id: tf.Tensor,
+    ) -> dict[str, tf.Tensor]:
+        prompt_lens = tf.cast(prompt_lens, tf.int32)
+        ends = prompt_lens + tf.cast(max_new_tokens, tf.int32)
+        return {
+            "prompt_lens": prompt_lens,
+            "ends": ends,
+            "stop": tf.reduce_max(ends),
+            "temperature": tf.cast(temperature, tf.float32),
+            "top_k": tf.cast(top_k, tf.int32),
+            "top_p": tf.cast(top_p, tf.float32),
+            "seeds": tf.cast(seed, tf.int64) + tf.range(tf.shape(prompt_lens, tf.int64)[0]),  # row r: seed + r
+            "eos_id": tf.cast(eos_id, tf.int32),
+        }
+
+    def init(self, prompts: tf.Tensor, total_len, params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Prefill. prompts (B, P) int32, left-aligned and padded, P ≤ T; total_len N ≥ max(ends)."""
+        prompts = tf.cast(prompts, tf.int32)
+        batch = tf.shape(prompts)[0]
+        pad = tf.zeros([batch, total_len - tf.shape(prompts)[1]], tf.int32)
+        buffer = tf.concat([prompts, pad], axis=1)  # (B, N)
+        if isinstance(total_len, int):
+            buffer = tf.ensure_shape(buffer, [None, total_len])
+        window = self._window_len(buffer)
+        p0 = tf.reduce_min(params["prompt_lens"])
+        if self.use_cache:
+            cache = self.model.init_cache(batch, window)
+            logits, cache = self.model.call_with_cache(prompts, cache, 0)  # (B, P, V)
+        else:
+            cache = tf.zeros([], tf.float32)
+            logits = self.model(self._window(buffer, 0, window))  # (B, C, V)
+        return {
+            "p": p0,
+            "w": tf.zeros([], tf.int32),
+            "logits": tf.gather(logits, p0 - 1, axis=1),
+            "cache": cache,
+            "buffer": buffer,
+            "done": tf.zeros([batch], tf.bool),
+            "n_new": tf.zeros([batch], tf.int32),
+        }
+
+    def cond(self, state: dict[str, tf.Tensor], params: dict[str, tf.Tensor]) -> tf.Tensor:
+        return (state["p"] < params["stop"]) & ~tf.reduce_all(state["done"])
+
+    def body(self, state: dict[str, tf.Tensor], params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Choose the token at position p, write it, and run the model on it (logits for p + 1)."""
+        p, w, buffer, done, cache = state["p"], state["w"], state["buffer"], state["done"], state["cache"]
+        sampled = sample_logits(state["logits"], params["temperature"], params["top_k"], params["top_p"],
+                                params["seeds"], p)
+        in_prompt = p < params["prompt_lens"]  # (B,)
+        active = ~in_prompt & ~done
+        token = tf.where(in_prompt, tf.gather(buffer, p, axis=1), tf.where(done, 0, sampled))
+        buffer = tf.tensor_scatter_nd_update(
+            buffer, tf.stack([tf.range(tf.shape(buffer)[0]), tf.fill(tf.shape(token), p)], axis=1), token
+        )
+        n_new = state["n_new"] + tf.cast(active, tf.int32)
+        done = done | (active & ((token == params["eos_id"]) | (p + 1 >= params["ends"])))
+
+        window = self._window_len(buffer)
+        if self._may_slide(buffer):  # slide the window when it is full
+            full = p - w >= window
+            w = tf.where(full, p - self.keep, w)
+            if self.use_cache:
+                cache = tf.cond(full, lambda: self._refill(buffer, w, cache), lambda: cache)
+        if self.use_cache:
+            logits, cache = self.model.call_with_cache(token[:, None], cache, p - w)
+            logits = logits[:, 0]
+        else:
+            logits = tf.gather(self.model(self._window(buffer, w, window)), p - w, axis=1)
+        return {"p": p + 1, "w": w, "logits": logits, "cache": cache, "buffer": buffer, "done": done,
+                "n_new": n_new}
+
+    def _refill(self, buffer: tf.Tensor, w: tf.Tensor, cache: tf.Tensor) -> tf.Tensor:
+        """Cache of the `keep` tokens at positions w … w+keep−1, written at slots 0 … keep−1."""
+        _, cache = self.model.call_with_cache(self._window(buffer, w, self.keep), cache, 0)
+        return cache
+
+    def run(self, prompts: tf.Tensor, total_len, params: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """The whole loop in one graph -> (buffer (B, N), n_new (B,)); row r's new tokens are
+        buffer[r, prompt_lens[r] : prompt_lens[r] + n_new[r]] (the end-of-text token included)."""
+        state = self.init(prompts, total_len, params)
+        (state,) = tf.while_loop(
+            lambda s: self.cond(s, params),
+            lambda s: (self.body(s, params),),
+            (state,),
+            maximum_iterations=tf.shape(state["buffer"])[1],
+        )
+        return state["buffer"], state["n_new"]
+
+
+# ------------------------------------------------------------------ Python-side entry points
+class _Compiled:
+    """The tf.functions of one model: traced once per (batch, prompt bucket, buffer length)."""
+
+    def __init__(self, model: Any, use_cache: bool, jit_compile: bool) -> None:
+        decoder = Decoder(model, use_cache)
+        self.run = tf.function(lambda prompts, total_len, params: decoder.run(prompts, total_len, params),
+                               jit_compile=jit_compile)
+        self.init = tf.function(lambda prompts, total_len, params: decoder.init(prompts, total_len, params),
+                                jit_compile=jit_compile)
+        self.body = tf.function(decoder.body, jit_compile=jit_compile)
+        self.cond = tf.function(decoder.cond)
+        self.params = decoder.params
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model: Any, use_cache: bool = True, jit_compile: bool = True) -> _Compiled:
+    """The (cached) compiled decoding functions of `model`; `.run.experimental_get_tracing_count()`
+    counts its traces."""
+    per_model = _COMPILED.setdefault(model, {})
+    key = (bool(use_cache), bool(jit_compile))
+    if key not in per_model:
+        per_model[key] = _Compiled(model, *key)
+    return per_model[key]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _prepare(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int):
+    """Validate and pad prompts: (prompts (B, P) int32, lengths, N)."""
+    import numpy as np
+
+    context, vocab = int(model.config.context), int(model.config.vocab_size)
+    rows = [[int(t) for t in ids] for ids in prompt_ids]
+    if not rows:
+        raise GenerationError("no prompts given; pass at least one list of token ids")
+    for i, ids in enumerate(rows):
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty; start it with the end-of-text id (generate_text does)")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+    if any(len(ids) > context for ids in rows):
+        warnings.warn(
+            f"prompt longer than the model's context ({context} tokens): keeping its last {context} tokens",
+            stacklevel=3,
+        )
+        rows = [ids[-context:] for ids in rows]
+    lengths = np.array([len(ids) for ids in rows], np.int32)
+    bucket = min(context, _round_up(int(lengths.max()), PROMPT_BUCKET))
+    total = _round_up(bucket + max_new_tokens, LENGTH_BUCKET)
+    if bucket + max_new_tokens <= context:
+        total = min(total, context)
+    prompts = np.zeros((len(rows), bucket), np.int32)
+    for i, ids in enumerate(rows):
+        prompts[i, : len(ids)] = ids
+    return prompts, lengths, total
+
+
+def _params(fns: _Compiled, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id):
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    return fns.params(
+        tf.constant(lengths), tf.constant(max_new_tokens, tf.int32), tf.constant(temperature, tf.float32),
+        tf.constant(top_k, tf.int32), tf.constant(top_p, tf.float32), tf.constant(int(seed), tf.int64),
+        tf.constant(-1 if eos_id is None else int(eos_id), tf.int32),
+    )
+
+
+def generate(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    jit_compile: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt by up to `max_new_tokens` tokens, all rows in one batch and one graph.
+
+    Args:
+        model: a GPT (anything with `config`, `__call__`, `init_cache`, `call_with_cache`).
+        prompt_ids: one non-empty list of token ids per row (any lengths; longer than the context:
+            the last `context` tokens are kept, with a warning).
+        max_new_tokens: new tokens per row at most.
+        temperature: 0 = greedy; otherwise logits are divided by it before top-k/top-p.
+        top_k: keep the k most likely tokens (0 = off). top_p: keep the nucleus of mass top_p (1 = off).
+        seed: row r samples with seed + r: the same seed gives the same output, and a row's output does
+            not depend on the other rows (None = random).
+        eos_id: stop a row after it emits this token (included in the output).
+        use_cache: False runs the whole window through the model at every step (reference/baseline).
+        jit_compile: compile the loop with XLA.
+
+    Returns:
+        The new token ids of each row (not the prompt).
+
+    Example:
+        >>> generate(model, [[3, 71, 9]], 20, temperature=0)   # greedy
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    prompts, lengths, total = _prepare(model, prompt_ids, max_new_tokens)
+    fns = compiled(model, use_cache, jit_compile)
+    params = _params(fns, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    buffer, n_new = fns.run(tf.constant(prompts), total, params)
+    buffer, n_new = buffer.numpy(), n_new.numpy()
+    return [buffer[r, lengths[r] : lengths[r] + n_new[r]].tolist() for r in range(len(lengths))]
+
+
+def stream(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    jit_compile: bool = True,
+) -> Iterator[list[int | None]]:
+    """Like `generate`, one step at a time: yields, per step, each row's new token (None for a row that
+    is still in its prompt or already finished). Same loop body and seeds as `generate`, so the
+    concatenated tokens equal `generate`'s output."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    prompts, lengths, total = _prepare(model, prompt_ids, max_new_tokens)
+    fns = compiled(model, True, jit_compile)
+    params = _params(fns, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    state = fns.init(tf.constant(prompts), total, params)
+    while bool(fns.cond(state, params)):
+        before = state["n_new"].numpy()
+        p = int(state["p"])
+        state = fns.body(state, params)
+        wrote = state["n_new"].numpy() > before
+        column = state["buffer"][:, p].numpy()
+        yield [int(t) if w else None for t, w in zip(column, wrote, strict=True)]
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """[eos] + encode(prompt): every story starts after an end-of-text token (empty prompt = [eos])."""
+    return [tokenizer.eos_id, *tokenizer.encode(prompt)]
+
+
+def completion_text(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text that `new_ids` add after `prompt_ids` (decoded together, so a character spelled by byte
+    pieces across the boundary still comes out whole)."""
+    head = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode([*prompt_ids, *new_ids])
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(new_ids)
+
+
+def generate_text(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 200, **sampling: Any
+) -> list[str]:
+    """Continue each text prompt; returns the completions (the text after each prompt).
+
+    Prompt ids are [eos] + encode(prompt); generation stops at the end-of-text token. `sampling` takes
+    the keyword arguments of `generate` (temperature, top_k, top_p, seed, use_cache, jit_compile).
+    """
+    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    new = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
+    return [completion_text(tokenizer, p, n) for p, n in zip(ids, new, strict=True)]
+
+
+# ------------------------------------------------------------------------------ loading
+def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
+    """Load (model, tokenizer) from a run directory (model.keras + config.json naming the tokenizer) or a
+    .keras file (tokenizer from `tokenizer_path`, or the config.json / tokenizer/ beside it).
+
+    Raises GenerationError with a one-line fix when something is missing.
+    """
+    import json
+
+    import keras
+
+    import tfgpt.model  # noqa: F401  (registers GPT for deserialisation)
+    from tfgpt.tokenizer import Tokenizer, TokenizerError
+
+    path = Path(path)
+    if not path.exists():
+        raise GenerationError(f"model path {path} does not exist; train a model or pass --model RUN_DIR|FILE.keras")
+    run_dir = path if path.is_dir() else path.parent
+    model_file = path / "model.keras" if path.is_dir() else path
+    if not model_file.is_file():
+        raise GenerationError(f"no model.keras in {path}; pass a run directory or a .keras file")
+    if tokenizer_path is None:
+        tokenizer_path = _tokenizer_from_run(run_dir)
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    except TokenizerError as exc:
+        raise GenerationError(f"{exc} (pass the tokenizer with --tokenizer)") from None
+    try:
+        model = keras.saving.load_model(model_file, compile=False)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise GenerationError(f"cannot load {model_file}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise GenerationError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model only "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with"
+        )
+    return model, tokenizer
+
+
+def _tokenizer_from_run(run_dir: Path) -> Path:
+    """The tokenizer named by run_dir/config.json (keys "tokenizer", "tokenizer_path", "tokenizer_dir",
+    at the top level or under "data"), resolved against run_dir, then the working directory; else
+    run_dir/tokenizer."""
+    import json
+
+    config_file = run_dir / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for section in (config, config.get("data") or {}, config.get("train") or {}):
+            for key in ("tokenizer", "tokenizer_path", "tokenizer_dir"):
+                value = section.get(key) if isinstance(section, dict) else None
+                if isinstance(value, str) and value:
+                    for candidate in (run_dir / value, Path(value)):
+                        if candidate.exists():
+                            return candidate
+                    return Path(value)
+    return run_dir / "tokenizer"
