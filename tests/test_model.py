@@ -194,12 +194,26 @@ def test_tied_embedding_is_one_shared_variable() -> None:
     ids = random_ids(2, 8, vocab=100)  # ids < 100
     before = to_np(model(ids))
     E = model.embedding.token_embeddings
-    delta = np.zeros((cfg.vocab_size, cfg.d_model), "float32")
-    delta[300] = 1.0
+    row = np.random.default_rng(2).normal(0.0, 0.5, cfg.d_model).astype("float32")  # not constant:
+    delta = np.zeros((cfg.vocab_size, cfg.d_model), "float32")  # LN output is orthogonal to 1
+    delta[300] = row
     E.assign(E.numpy() + delta)
     after = to_np(model(ids))
     changed = np.abs(after - before).max(axis=(0, 1)) > 1e-6
-    assert changed[300] and changed.sum() == 1
+    assert changed.sum() == 1 and (np.abs(after - before)[..., 300] > 1e-3).all()
+    # Changing the row of a token that occurs once (sequence 0, position 3) also changes, through the
+    # lookup, every logit of sequence 0 from position 3 on; elsewhere only its own column moves.
+    token = 250
+    ids[0, 3] = token
+    before = to_np(model(ids))
+    delta = np.zeros((cfg.vocab_size, cfg.d_model), "float32")
+    delta[token] = row
+    E.assign(E.numpy() + delta)
+    diff = np.abs(to_np(model(ids)) - before)
+    assert (diff[..., token] > 1e-3).all()  # head path, at every position
+    others = np.delete(diff, token, axis=-1)
+    assert others[0, :3].max() == 0.0 and others[1].max() == 0.0  # causal; sequence 1 lacks the token
+    assert (others[0, 3:].max(axis=-1) > 1e-4).all()  # lookup path
 
 
 def test_tied_gradient_includes_the_head_contribution() -> None:
