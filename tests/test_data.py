@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfgpt import data as data_module
 from tfgpt.data import (
@@ -237,6 +238,8 @@ def test_windows_are_shifted_and_inside_the_stream():
     context, batch = 16, 4
     out = batches(make_dataset(tokens, context, batch, seed=3))
     assert len(out) == steps_per_epoch(tokens, context, batch) == (1002 // 16) // 4
+    assert int(make_dataset(tokens, context, batch, skip_batches=2).cardinality()) == len(out) - 2
+    assert make_dataset(tokens, context, batch, repeat=True).cardinality() == tf.data.INFINITE_CARDINALITY
     for x, y in out:
         assert x.dtype == np.int32 and x.shape == (batch, context) == y.shape
         np.testing.assert_array_equal(y, x + 1)  # targets are the inputs shifted by one

@@ -676,6 +676,9 @@ def make_dataset(
     last = np.iinfo(np.int64).max if repeat else first_epoch + 1
     ds = tf.data.Dataset.range(first_epoch, last)
     ds = ds.flat_map(epoch_batches)
+    # flat_map hides the length; state it so Keras shows progress and never warns about running dry.
+    n_batches = tf.data.INFINITE_CARDINALITY if repeat else steps - skip_batches
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
