@@ -125,23 +125,34 @@ def test_save_to_disk_dataset_and_datasetdict(tmp_path):
     assert sorted(train + valid) == sorted(STORIES) and not set(train) & set(valid)
 
 
-def test_hub_id_goes_through_load_dataset(monkeypatch):
-    """The Hugging Face path (offline): load_dataset is called with the id and its splits are used."""
+def test_hub_id_goes_through_load_dataset(monkeypatch, tmp_path, tok):
+    """The Hugging Face path (offline): load_dataset gets the id, its splits are used, and a cached token
+    stream needs no second load (so it works offline)."""
     import datasets
 
     calls = []
 
     def fake_load_dataset(name, streaming=False, **kwargs):
         calls.append((name, streaming))
-        return datasets.DatasetDict(
-            train=datasets.Dataset.from_dict({"text": STORIES}),
-            validation=datasets.Dataset.from_dict({"text": VALID}),
-        )
+        parts = {"train": datasets.Dataset.from_dict({"text": STORIES})}
+        if name == "someone/stories":
+            parts["validation"] = datasets.Dataset.from_dict({"text": VALID})
+        return datasets.DatasetDict(parts)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert list(load_stories("someone/stories", "train")) == STORIES
     assert list(load_stories("someone/stories", "validation", streaming=True)) == VALID
     assert calls == [("someone/stories", False), ("someone/stories", True)]
+    # No validation split: the hash split of the train split.
+    train = list(load_stories("someone/trainonly", "train", val_fraction=0.3))
+    valid = list(load_stories("someone/trainonly", "validation", val_fraction=0.3))
+    assert sorted(train + valid) == sorted(STORIES) and not set(train) & set(valid) and valid
+    calls.clear()
+    kw = {"cache_dir": tmp_path, "progress": False, "workers": 1}
+    first = token_stream("someone/stories", tok, "validation", **kw)
+    second = token_stream("someone/stories", tok, "validation", **kw)
+    assert len(calls) == 1 and np.array_equal(first, second)
+    assert token_stream_info("someone/stories", tok, "validation", **kw)["stories"] == len(VALID)
 
 
 def test_directory_of_text_files_splits_by_name(tmp_path):

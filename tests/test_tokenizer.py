@@ -149,7 +149,10 @@ def test_cli_train_and_errors(tmp_path, capsys, tinystories_dir):
     assert main(["train", "--data", str(data), "--vocab-size", "300", "--out", str(out)]) == 0
     assert Tokenizer.load(out).vocab_size == 300
     assert "wrote" in capsys.readouterr().out
+    broken = tmp_path / "broken-train.txt"
+    broken.write_bytes(data.read_bytes() + b"Story \xff\n<|endoftext|>\n")
     bad_cases = [
+        (["train", "--data", str(broken), "--out", str(tmp_path / "z")], f"invalid UTF-8 at byte offset {data.stat().st_size + 6}"),
         (["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")], "does not exist"),
         (["train", "--data", str(data), "--vocab-size", "50000", "--out", str(tmp_path / "y")], "larger than"),
         (["encode", "--tokenizer", str(data), "hello"], "is not a SentencePiece model"),
@@ -158,4 +161,4 @@ def test_cli_train_and_errors(tmp_path, capsys, tinystories_dir):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not any((tmp_path / d).exists() for d in "xyz")  # nothing half-written

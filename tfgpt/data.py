@@ -82,7 +82,6 @@ class _Resolved:
     iter_raw: Callable[[], Iterator[str]]  # stories of the chosen part (before the hash filter)
     hash_side: str | None = None  # "train"/"validation": keep only that side of the hash split
     val_fraction: float = 0.0
-    total: int | None = None  # number of raw stories, when cheaply known
     notes: list[str] = field(default_factory=list)
 
 
@@ -381,29 +380,35 @@ def _resolve_saved(path: Path, split: str, val_fraction: float) -> _Resolved:
 
 
 def _resolve_hub(source: str, split: str, val_fraction: float, streaming: bool) -> _Resolved:
-    try:
-        import datasets
+    """A Hub dataset, opened lazily: the cache key (id, split, val_fraction) needs no network, so a
+    cached token stream is used offline. Which split rule applies is known once the dataset is open."""
+    val_fraction = _check_fraction(val_fraction)
 
-        obj = datasets.load_dataset(source, streaming=streaming)
-    except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"{source!r} is not a local path and could not be loaded as a Hugging Face dataset "
-            f"({type(exc).__name__}: {message[:200]}); pass an existing file/directory, or check the id "
-            "and your network"
-        ) from None
-    keys = list(obj.keys())
-    key, hash_side = _pick_splits(keys, split, source)
-    parts = [obj[k] for k in keys] if split == "all" else [obj[key]]
-    rule = {"rule": "hash", "val_fraction": _check_fraction(val_fraction)} if hash_side else {"rule": key}
-    fingerprints = [getattr(p, "_fingerprint", None) for p in parts]
-    total = sum(len(p) for p in parts) if not streaming and hash_side is None else None
+    def stories() -> Iterator[str]:
+        try:
+            import datasets
+
+            obj = datasets.load_dataset(source, streaming=streaming)
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"{source!r} is not a local path and could not be loaded as a Hugging Face dataset "
+                f"({type(exc).__name__}: {message[:200]}); pass an existing file/directory, or check the id "
+                "and your network"
+            ) from None
+        keys = list(obj.keys())
+        key, hash_side = _pick_splits(keys, split, source)
+        for part in [obj[k] for k in keys] if split == "all" else [obj[key]]:
+            for story in _dataset_stories(part, f"{source} [{key}]"):
+                if hash_side is None or (
+                    (story_hash_fraction(story.strip()) < val_fraction) == (hash_side == "validation")
+                ):
+                    yield story
+
     return _Resolved(
         split=split, description=f"Hugging Face dataset {source}",
-        identity={"kind": "hub", "id": source, "split_key": key if split != "all" else keys,
-                  "fingerprints": fingerprints, **rule},
-        iter_raw=lambda: itertools.chain.from_iterable(_dataset_stories(p, source) for p in parts),
-        hash_side=hash_side, val_fraction=val_fraction if hash_side else 0.0, total=total,
+        identity={"kind": "hub", "id": source, "split": split, "val_fraction": val_fraction},
+        iter_raw=stories,
     )
 
 
@@ -478,7 +483,7 @@ def _ensure_cache(source: str, tokenizer: Tokenizer, split: str, *, cache_dir: s
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     stats = _write_stream(_iter_resolved(resolved), tokenizer, bin_path, dtype, workers=workers,
-                          progress=progress, desc=f"tokenising {resolved.split}", total=resolved.total)
+                          progress=progress, desc=f"tokenising {resolved.split}")
     index = {
         "format": CACHE_FORMAT,
         "key": bin_path.stem.rsplit(".", 1)[-1],
@@ -538,18 +543,20 @@ def _chunks(stories: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[s
 
 
 def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, dtype: np.dtype, *,
-                  workers: int, progress: bool, desc: str, total: int | None) -> dict[str, int]:
+                  workers: int, progress: bool, desc: str) -> dict[str, int]:
     from tqdm.auto import tqdm
 
     fd, tmp = tempfile.mkstemp(prefix=f".{bin_path.name}.", suffix=".tmp", dir=bin_path.parent)
     stats = {"tokens": 1, "stories": 0, "bytes": 0}
     pool = None
     try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=total, desc=desc, unit=" stories", disable=not progress,
+        with os.fdopen(fd, "wb") as out, tqdm(desc=desc, unit=" stories", disable=not progress,
                                               mininterval=0.5, dynamic_ncols=True) as bar:
             out.write(np.asarray([tokenizer.eos_id], dtype=dtype).tobytes())
             chunks = _chunks(stories)
-            if workers > 1:
+            head = list(itertools.islice(chunks, 2))
+            chunks = itertools.chain(head, chunks)
+            if workers > 1 and len(head) > 1:  # a pool only pays off beyond one chunk (1 MB of text)
                 ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
                 pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_proto,))
                 results: Iterable[tuple[bytes, int, int, int]] = pool.imap(_encode_chunk_in_worker, _counted(chunks, bar))

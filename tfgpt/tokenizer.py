@@ -263,6 +263,8 @@ def train_tokenizer(
             **settings,
         )
     except (RuntimeError, OSError) as exc:
+        if counter.error is not None:  # the story source failed (e.g. a DataError): report that
+            raise counter.error from None
         message = _sp_message(exc)
         if counter.count == 0:
             raise TokenizerError("no stories to train the tokenizer on; check --data") from None
@@ -316,12 +318,18 @@ class _Counter:
         self.count = 0
         self.bytes = 0
 
+        self.error: BaseException | None = None
+
     def __iter__(self) -> Iterator[str]:
-        for story in self._stories:
-            if story:
-                self.count += 1
-                self.bytes += len(story.encode("utf-8"))
-                yield story
+        try:
+            for story in self._stories:
+                if story:
+                    self.count += 1
+                    self.bytes += len(story.encode("utf-8"))
+                    yield story
+        except Exception as exc:  # SentencePiece would wrap it in a RuntimeError; keep the original
+            self.error = exc
+            raise
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
