@@ -44,7 +44,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class _Resolved:
     iter_raw: Callable[[], Iterator[str]]  # stories of the chosen part (before the hash filter)
     hash_side: str | None = None  # "train"/"validation": keep only that side of the hash split
     val_fraction: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 def load_stories(
@@ -447,10 +446,12 @@ def token_stream(
 ) -> np.ndarray:
     """The token stream `eos s1 eos s2 eos ...` of one split, as a read-only 1-D memmap.
 
-    Built once (streamed, tokenised by `workers` processes, written incrementally, then renamed into
-    place) and cached under `cache_dir`, keyed by the source identity (paths+sizes+mtimes, or the dataset
-    id + split + fingerprint), the tokenizer's hash, the split and the split rule; later calls only map
-    the file. dtype uint16 (uint32 when the vocabulary exceeds 65536 ids).
+    Built once and cached under `cache_dir`: stories are streamed (a Hub dataset in streaming mode, so
+    no second copy of it lands on disk), tokenised in 1 MB chunks by a pool of `workers` processes
+    (in-process for a single chunk or workers=1), appended to a temporary file, and renamed into place
+    with a JSON index beside it. The key covers the source identity (paths + sizes + mtimes, or the
+    dataset id + split + val_fraction), the tokenizer's hash, the split and the split rule; later calls
+    only map the file. dtype uint16 (uint32 when the vocabulary exceeds 65536 ids).
     """
     return _ensure_cache(source, tokenizer, split, cache_dir=cache_dir, val_fraction=val_fraction,
                          workers=workers, progress=progress)[0]
