@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -311,6 +312,37 @@ def no_decay_variables(model: keras.Model) -> list[keras.Variable]:
     return out
 
 
+@keras.saving.register_keras_serializable(package="tfgpt")
+class AdamW(keras.optimizers.AdamW):
+    """Keras AdamW whose `global_clipnorm` clips the all-reduced gradient under a multi-replica strategy.
+
+    Keras 3.15 clips inside each replica, before the gradients are summed over replicas, so with R
+    replicas each replica's share (≈ 1/R of the gradient) is clipped on its own and the clip barely
+    acts. Here the gradients are all-reduced first, clipped by their true global norm, and the
+    later all-reduce is skipped: the same update as on one device. With one replica nothing changes.
+    """
+
+    def _reduces_in_clip(self) -> bool:
+        ctx = tf.distribute.get_replica_context()
+        return bool(self.global_clipnorm) and ctx is not None and ctx.num_replicas_in_sync > 1
+
+    def _clip_gradients(self, grads):
+        if self._reduces_in_clip():
+            index = [i for i, g in enumerate(grads) if g is not None]
+            reduced = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, [grads[i] for i in index]
+            )
+            grads = list(grads)
+            for i, g in zip(index, reduced, strict=True):
+                grads[i] = g
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        if self._reduces_in_clip():  # already summed in _clip_gradients
+            return list(grads_and_vars)
+        return super()._all_reduce_sum_gradients(grads_and_vars)
+
+
 def build_optimizer(
     model: keras.Model,
     *,
@@ -321,14 +353,15 @@ def build_optimizer(
     clipnorm: float = 1.0,
     loss_scale: bool = False,
 ) -> keras.optimizers.Optimizer:
-    """AdamW(β₁, β₂, ε=1e-8, decoupled weight decay on matrices only, global-norm clipping).
+    """AdamW(β₁, β₂, ε=1e-8, decoupled weight decay on matrices only, global-norm clipping of the
+    whole (all-replica) gradient).
 
-    Weight decay skips `no_decay_variables(model)` (via `exclude_from_weight_decay(var_names=...)`,
-    matched on the variable names, which also holds for the distributed copies of a strategy).
+    Weight decay skips `no_decay_variables(model)` (via `exclude_from_weight_decay`, by variable and
+    by name, so that the distributed copies of a strategy are matched too).
     With `loss_scale` (mixed_float16) the AdamW is wrapped in a dynamic `LossScaleOptimizer`.
     Call inside the strategy scope that holds the model.
     """
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=lr,
         weight_decay=weight_decay,
         beta_1=beta1,
@@ -336,11 +369,17 @@ def build_optimizer(
         epsilon=1e-8,
         global_clipnorm=clipnorm,
     )
-    exempt = sorted({v.name for v in no_decay_variables(model)})
-    decayed = {v.name for v in model.trainable_variables} - set(exempt)
-    if decayed & set(exempt):  # a name used by both kinds: names cannot separate them
-        raise TrainingError(f"variable names {sorted(decayed & set(exempt))} are both decayed and exempt")
-    optimizer.exclude_from_weight_decay(var_names=[f"^{name}$" for name in exempt])
+    exempt_vars = no_decay_variables(model)
+    exempt = {v.name for v in exempt_vars}
+    decayed = {v.name for v in model.trainable_variables if all(v is not e for e in exempt_vars)}
+    if decayed & exempt:  # a name used by both kinds: names cannot separate them
+        raise TrainingError(f"variable names {sorted(decayed & exempt)} are both decayed and exempt")
+    # The TF backend matches names against the tf.Variable's full name ("gpt/block_0/ln_1/gamma:0",
+    # "…/gamma/replica_1:0" under MirroredStrategy), so match the last path component exactly.
+    optimizer.exclude_from_weight_decay(
+        var_list=exempt_vars,
+        var_names=[rf"(^|/){re.escape(name)}(/replica_\d+)?(:\d+)?$" for name in sorted(exempt)],
+    )
     if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -490,6 +529,11 @@ def compile_model(
         )
         model.compile(optimizer=optimizer, loss=next_token_loss(), jit_compile=xla)
         optimizer.build(model.trainable_variables)
+        # Build the compiled loss/metrics from an int32 batch now: under a tf.distribute strategy, fit()
+        # would build them from the strategy's MEAN-reduced first batch, which is float32 and fails
+        # in the embedding gather (Keras 3.15).
+        ids = np.zeros((1, model_config.context), np.int32)
+        model._symbolic_build(data_batch=(ids, ids))
     return model
 
 
@@ -1066,9 +1110,9 @@ def train(
         )
         sampler = None
         if cfg.sample_tokens and chief:
-            # XLA cannot compile reads of variables mirrored over CPU devices (same as training).
-            jit = not (_strategy_on_cpu(strategy) and replicas > 1)
-            sampler = _make_sampler(model, tokenizer, cfg, notify, jit_compile=jit)
+            # On CPU the XLA-compiled decoding loop takes seconds to compile for little gain at this size
+            # (and cannot read variables mirrored over CPU devices); on GPU/TPU it is compiled.
+            sampler = _make_sampler(model, tokenizer, cfg, notify, jit_compile=not _strategy_on_cpu(strategy))
         tensorboard = StepTensorBoard(
             log_dir if chief else Path(tempfile.mkdtemp(prefix="tfgpt-worker-logs-")),
             state,
