@@ -1,0 +1,237 @@
+"""Held-out scores of a language model (loss, perplexity, bits per byte) and sample-quality measures.
+
+Scoring. Each story is scored on its own, as it appears in the training stream: the input starts with
+the end-of-text token and the targets are the story's tokens followed by the closing end-of-text token
+(the model is also judged on where the story ends):
+
+    x = [eos, t₁, …, t_n],  y = [t₁, …, t_n, eos],   NLL = −Σ_i log p(y_i | x_≤i)
+
+Stories longer than the context T are scored with a sliding window (stride s ≤ T): the first window
+scores its T targets; each later window moves by s and scores only its targets not scored before, each
+seen with at least T − s tokens of left context (s = 1 is exact full-window context, s = T is
+non-overlapping chunks).
+
+    loss          = Σ NLL / tokens                 (mean next-token loss, nats)
+    perplexity    = exp(loss)
+    bits per byte = Σ NLL / ln 2 / bytes           (bytes = UTF-8 bytes of the stories' text)
+
+Bits per byte does not depend on the tokenizer, so it compares models with different vocabularies.
+
+Sample quality (of N sampled stories, words = lower-cased `\\w+` runs and punctuation marks):
+distinct-n = distinct word n-grams / all word n-grams over all samples (Li et al. 2016); repetition
+rate = mean over samples of 1 − distinct 4-grams / 4-grams within the sample (seq-rep-4, Welleck et al.
+2020); eos rate = share of samples that ended with the end-of-text token (rather than running into
+max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from tfgpt.generation import completion_text, generate
+
+
+class EvaluationError(ValueError):
+    """An evaluation argument is invalid; the message says which and how to fix it."""
+
+
+# ------------------------------------------------------------------------------- windows
+def story_windows(ids: Sequence[int], context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over one token sequence `ids` = [eos, t₁, …, t_n, eos].
+
+    Returns (begin, end, scored) per window: inputs ids[begin:end], targets ids[begin+1:end+1], of which
+    the last `scored` are counted. Every target ids[1:] is counted exactly once.
+    """
+    if not 1 <= stride <= context:
+        raise EvaluationError(f"stride must be in [1, context={context}], got {stride}")
+    n_targets = len(ids) - 1
+    windows: list[tuple[int, int, int]] = []
+    begin, scored_until = 0, 0
+    while scored_until < n_targets:
+        end = min(begin + context, n_targets)
+        windows.append((begin, end, end - scored_until))
+        scored_until = end
+        begin += stride
+    return windows
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _Scorer:
+    """Σ NLL of the weighted targets of a (B, W) batch, compiled once per width W."""
+
+    def __init__(self, model: Any) -> None:
+        @tf.function
+        def nll(inputs, targets, weights):
+            logits = model(inputs)  # (B, W, V) float32
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+            return tf.reduce_sum(tf.cast(losses, tf.float64) * weights)
+
+        self.nll = nll
+
+
+def evaluate_model(
+    model: Any,
+    stories: Iterable[str],
+    tokenizer: Any,
+    *,
+    stride: int | None = None,
+    batch_size: int = 16,
+    max_stories: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of `model` on `stories` (see the module docstring).
+
+    Args:
+        model: maps (B, W) int32 ids to (B, W, V) float32 logits and has `config.context`.
+        stories: texts (e.g. `tfgpt.data.load_stories(source, "validation")`).
+        tokenizer: a `tfgpt.tokenizer.Tokenizer` (encode_batch, eos_id).
+        stride: sliding-window stride for stories longer than the context (default context // 2).
+        batch_size: windows per forward pass.
+        max_stories: score only the first N stories.
+
+    Returns:
+        {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "stories", "context", "stride"}.
+    """
+    context = int(model.config.context)
+    stride = context // 2 if stride is None else int(stride)
+    if not 1 <= stride <= context:
+        raise EvaluationError(f"stride must be in [1, {context}] (the model's context), got {stride}")
+    if batch_size < 1:
+        raise EvaluationError(f"batch size must be >= 1, got {batch_size}")
+    texts = [s for s in stories]
+    if max_stories is not None:
+        texts = texts[:max_stories]
+    if not texts:
+        raise EvaluationError("no stories to evaluate; check --data and --split")
+
+    eos = int(tokenizer.eos_id)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    rows: list[tuple[np.ndarray, int]] = []  # (window ids: inputs + last target, scored targets)
+    for ids in tokenizer.encode_batch(texts):
+        seq = np.asarray([eos, *ids, eos], np.int32)
+        for begin, end, scored in story_windows(seq, context, stride):
+            rows.append((seq[begin : end + 1], scored))
+    n_tokens = sum(scored for _, scored in rows)
+
+    # Longest windows first, so each batch pads little; widths are multiples of 32 (few traces).
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    scorer = _Scorer(model)
+    total_nll = 0.0
+    bar = tqdm(total=n_tokens, unit="tok", desc="evaluating", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[start : start + batch_size]]
+        width = min(context, _round_up(max(len(w) - 1 for w, _ in chunk), 32))
+        inputs = np.zeros((batch_size, width), np.int32)  # fixed batch: the last batch is padded
+        targets = np.zeros((batch_size, width), np.int32)
+        weights = np.zeros((batch_size, width), np.float64)
+        for r, (window, scored) in enumerate(chunk):
+            n = len(window) - 1
+            inputs[r, :n], targets[r, :n] = window[:-1], window[1:]
+            weights[r, n - scored : n] = 1.0
+        total_nll += float(scorer.nll(inputs, targets, weights))
+        bar.update(sum(s for _, s in chunk))
+    bar.close()
+    return summarize(total_nll, n_tokens, n_bytes) | {"stories": len(texts), "context": context, "stride": stride}
+
+
+def summarize(total_nll: float, tokens: int, n_bytes: int) -> dict[str, float | int]:
+    """loss = NLL/tokens (nats), perplexity = exp(loss), bits_per_byte = NLL / ln 2 / bytes."""
+    if tokens <= 0 or n_bytes <= 0:
+        raise EvaluationError(f"nothing scored (tokens={tokens}, bytes={n_bytes})")
+    loss = total_nll / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total_nll / math.log(2) / n_bytes,
+        "tokens": int(tokens),
+        "bytes": int(n_bytes),
+    }
+
+
+# --------------------------------------------------------------------------- sample quality
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks of `text`."""
+    return _WORD.findall(text.lower())
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def sample_statistics(
+    texts: Sequence[str], ended_with_eos: Sequence[bool] | None = None, *, repetition_n: int = 4
+) -> dict[str, Any]:
+    """distinct_1, distinct_2, repetition_rate (seq-rep-n) and eos_rate of sampled texts.
+
+    eos_rate is None when `ended_with_eos` is not given. Samples too short for an n-gram add nothing
+    to that measure (a measure with nothing counted is 0.0).
+    """
+    tokenized = [words(t) for t in texts]
+
+    def distinct(n: int) -> float:
+        grams = [g for toks in tokenized for g in _ngrams(toks, n)]
+        return len(set(grams)) / len(grams) if grams else 0.0
+
+    reps = []
+    for toks in tokenized:
+        grams = _ngrams(toks, repetition_n)
+        if grams:
+            reps.append(1.0 - len(set(grams)) / len(grams))
+    eos_rate = None
+    if ended_with_eos is not None:
+        if len(ended_with_eos) != len(texts):
+            raise EvaluationError(f"{len(ended_with_eos)} eos flags for {len(texts)} texts")
+        eos_rate = float(np.mean(ended_with_eos)) if len(texts) else 0.0
+    return {
+        "distinct_1": distinct(1),
+        "distinct_2": distinct(2),
+        "repetition_rate": float(np.mean(reps)) if reps else 0.0,
+        "eos_rate": eos_rate,
+        "samples": len(texts),
+        "mean_words": float(np.mean([len(t) for t in tokenized])) if texts else 0.0,
+    }
+
+
+def sample_quality(
+    model: Any,
+    tokenizer: Any,
+    num_samples: int = 32,
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    jit_compile: bool = True,
+) -> tuple[dict[str, Any], list[str]]:
+    """Sample `num_samples` stories from scratch (prompt = [eos]) and return (sample_statistics, texts).
+
+    Sample k uses seed `seed + k`, so the samples are reproducible.
+    """
+    if num_samples < 1:
+        raise EvaluationError(f"number of samples must be >= 1, got {num_samples}")
+    eos = int(tokenizer.eos_id)
+    texts: list[str] = []
+    ended: list[bool] = []
+    batch = min(batch_size, num_samples)  # every call has this batch size: one compiled graph
+    for start in range(0, num_samples, batch):
+        new = generate(model, [[eos]] * batch, max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed + start, eos_id=eos, jit_compile=jit_compile)
+        for ids in new[: num_samples - start]:
+            ended.append(bool(ids) and ids[-1] == eos)
+            texts.append(completion_text(tokenizer, [eos], ids))
+    return sample_statistics(texts, ended), texts

@@ -1,0 +1,157 @@
+"""SavedModel export: a GPT and its tokenizer as one TensorFlow graph that needs no tfgpt to run.
+
+    python -m tfgpt.export --model runs/shipped --out exported/
+
+Signatures:
+  serving_default(token_ids int32 [batch, time]) -> {"logits": float32 [batch, time, vocab]}
+  generate(prompts string [batch], max_new_tokens int32 [], temperature float32 [], top_k int32 [],
+           top_p float32 [], seed int64 [])
+      -> {"completions": string [batch], "token_ids": int32 [batch, max new] (−1 padded),
+          "num_tokens": int32 [batch]}
+
+`generate` tokenises in the graph (tensorflow_text SentencepieceTokenizer built from the tokenizer's
+model proto), prepends the end-of-text token, keeps the last `context` prompt tokens, runs
+`tfgpt.generation.Decoder` (the same cached tf.while_loop as the Python API: temperature 0 = greedy,
+top_k 0 / top_p 1 = off, stop at end-of-text) and detokenises the new tokens. Only the model's
+variables are saved (no optimizer state). Loading:
+
+    import tensorflow as tf, tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
+    m = tf.saved_model.load("exported/")
+    out = m.signatures["generate"](prompts=tf.constant(["Once upon a time"]), max_new_tokens=tf.constant(100),
+                                   temperature=tf.constant(0.8), top_k=tf.constant(0), top_p=tf.constant(0.95),
+                                   seed=tf.constant(0, tf.int64))
+    print(out["completions"][0].numpy().decode())
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from tfgpt.generation import Decoder
+
+
+class ExportError(ValueError):
+    """An export argument is invalid; the message says which and how to fix it."""
+
+
+class GPTExport(tf.Module):
+    """The exported module: the model's variables, the in-graph tokenizer and the two signatures."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        super().__init__(name="tfgpt")
+        # Track the variables themselves (not the Keras model, which would also drag in an optimizer).
+        self.model_variables = [v.value if hasattr(v, "value") else v for v in model.variables]
+        self.sp = tokenizer.tf_tokenizer()
+        context = int(model.config.context)
+        eos = int(tokenizer.eos_id)
+        specials = tf.constant(sorted({i for i in (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, eos)
+                                       if i >= 0}), tf.int32)
+        n_pieces = int(tokenizer.vocab_size)
+        decoder = Decoder(model, use_cache=True)
+        sp = self.sp
+
+        def detokenize(ids: tf.RaggedTensor) -> tf.Tensor:
+            keep = (ids >= 0) & (ids < n_pieces) & ~tf.reduce_any(ids[..., None] == specials, axis=-1)
+            return sp.detokenize(tf.ragged.boolean_mask(ids, keep))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+        def serve(token_ids):
+            return {"logits": model(token_ids)}
+
+        @tf.function(input_signature=[
+            tf.TensorSpec([None], tf.string, name="prompts"),
+            tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+            tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([], tf.int32, name="top_k"),
+            tf.TensorSpec([], tf.float32, name="top_p"),
+            tf.TensorSpec([], tf.int64, name="seed"),
+        ])
+        def generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+            checks = [
+                tf.debugging.assert_greater_equal(max_new_tokens, 1, message="max_new_tokens must be >= 1"),
+                tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0"),
+                tf.debugging.assert_greater_equal(top_k, 0, message="top_k must be >= 0 (0 = off)"),
+                tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
+                tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
+            ]
+            with tf.control_dependencies(checks):
+                ids = sp.tokenize(prompts)  # ragged (B, None) int32
+            batch = tf.shape(prompts)[0]
+            ids = tf.concat([tf.fill([batch, 1], eos), ids], axis=1)[:, -context:]  # [eos] + prompt, last T
+            lengths = tf.cast(ids.row_lengths(), tf.int32)
+            params = decoder.params(lengths, max_new_tokens, temperature, top_k, top_p, seed, eos)
+            total = tf.reduce_max(lengths) + max_new_tokens
+            buffer, n_new = decoder.run(ids.to_tensor(0), total, params)
+            positions = tf.range(tf.shape(buffer)[1])[None, :]
+            is_new = (positions >= lengths[:, None]) & (positions < (lengths + n_new)[:, None])
+            new_ids = tf.ragged.boolean_mask(buffer, is_new)
+            # Decode prompt + completion together and cut the prompt's text off (keeps byte pieces whole).
+            full = detokenize(tf.concat([ids, new_ids], axis=1))
+            head = detokenize(ids)
+            start = tf.strings.length(head)
+            completions = tf.strings.substr(full, start, tf.strings.length(full) - start)
+            return {"completions": completions, "token_ids": new_ids.to_tensor(-1), "num_tokens": n_new}
+
+        self.serve = serve
+        self.generate = generate
+
+
+def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write `model` + `tokenizer` as a SavedModel directory `out_dir` (replaced atomically); returns it."""
+    out_dir = Path(out_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ExportError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
+            "export the model with the tokenizer it was trained with"
+        )
+    module = GPTExport(model, tokenizer)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve,
+                                                          "generate": module.generate})
+        os.chmod(tmp, 0o755)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tfgpt.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="run directory (model.keras + config.json) or .keras file")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir/.model (default: the run's)")
+    parser.add_argument("--out", required=True, help="SavedModel directory to write")
+    args = parser.parse_args(argv)
+
+    from tfgpt.generation import GenerationError, load_model
+
+    try:
+        model, tokenizer = load_model(args.model, args.tokenizer)
+        path = export_saved_model(model, tokenizer, args.out)
+    except (GenerationError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (signatures: serving_default, generate)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
