@@ -205,6 +205,9 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], bool | N
             candidate = Path(args.resume)
             run_dir = candidate if (candidate / "config.json").is_file() else Path(
                 explicit.get("out", values.get("out", "runs"))) / args.resume
+            if not (run_dir / "config.json").is_file():
+                raise UsageError(f"--resume {args.resume}: no run at {run_dir} (no config.json); pass a run name "
+                                 "under --out or a run directory")
             saved = _read_config(run_dir / "config.json", f"--resume {args.resume}")
             ignore = RUN_CONTROL_FIELDS
             diffs = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})"

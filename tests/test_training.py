@@ -3,6 +3,7 @@ after SIGKILL, time budget, mirrored over two logical CPUs, mixed precision, NaN
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -202,7 +203,7 @@ def test_next_token_loss_is_mean_cross_entropy_and_masks_ignore_id():
 @pytest.fixture(scope="module")
 def short_run(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("short")
-    cfg = small_config(corpus, tmp, sample_tokens=8, log_every=20, backup_every=100)
+    cfg = small_config(corpus, tmp, sample_tokens=8, log_every=20, backup_every=100, export=True)
     summary = train(cfg)
     return cfg, summary
 
@@ -228,8 +229,16 @@ def test_short_run_lowers_validation_loss_and_writes_the_run_directory(short_run
         assert record["tokens_seen"] == record["step"] * 8 * 32
     assert metrics["best_val_loss"] == pytest.approx(epochs[1]["val_loss"])
 
-    model = keras.saving.load_model(run_dir / "model.keras", compile=False)  # the best (epoch 2) model
-    assert model.config.vocab_size == 512
+    model = keras.saving.load_model(run_dir / "model.keras")  # the best (epoch 2) model, weights only
+    assert model.config.vocab_size == 512 and not model.compiled
+    with np.load(run_dir / "backup" / "state.npz") as backup:  # best = last epoch here: the final weights
+        for i, v in enumerate(model.weights):
+            np.testing.assert_array_equal(v.numpy(), backup[f"model/{i}"], err_msg=v.path)
+    if importlib.util.find_spec("tfgpt.export") is not None:
+        assert (run_dir / "saved_model" / "saved_model.pb").is_file()
+        assert summary["saved_model"] == str(run_dir / "saved_model")
+    else:
+        assert not (run_dir / "saved_model").exists() and summary["saved_model"] is None
     state = read_backup_meta(run_dir / "backup" / "state.npz")["state"]
     assert state["finished"] and state["global_step"] == 334
 

@@ -554,6 +554,7 @@ class RunState:
     status: str = "running"  # running | completed | time_budget | early_stopped | diverged
     loss_tracker: list[float] | None = None  # Keras' running (total, count) of a partial epoch
     finished: bool = False  # metrics, best model and export written for the final state
+    saved_model: str | None = None  # the exported SavedModel directory
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -853,7 +854,11 @@ class StepTensorBoard(keras.callbacks.Callback):
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
-    """Save the model (`.keras`, with optimizer) when the validation loss improves, atomically.
+    """Save the model (`.keras`) when the validation loss improves, atomically.
+
+    The file holds the architecture and weights only (no optimizer, no compile settings), so
+    `keras.saving.load_model(path)` works after a plain `import tfgpt`; the optimizer state for
+    resuming lives in the backup.
 
     `RunMonitor` (earlier in the callback list) decides whether the epoch improved on the best
     validation loss (`state.best_step == state.global_step`); the best value lives in the run state,
@@ -864,13 +869,17 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.path = Path(path)
         self.state = state
+        self._plain: keras.Model | None = None  # an uncompiled twin that receives the weights
 
     def on_epoch_end(self, epoch, logs=None):
         if self.state.status == "diverged" or self.state.best_step != self.state.global_step:
             return
+        if self._plain is None:
+            self._plain = type(self.model).from_config(self.model.get_config())
+        self._plain.set_weights(self.model.get_weights())
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.stem}.tmp.keras")
-        self.model.save(tmp)
+        self._plain.save(tmp)
         os.replace(tmp, self.path)
 
 
@@ -1087,6 +1096,7 @@ def train(
                 "best_val_loss": state.best_val_loss,
                 "best_epoch": state.best_epoch,
                 "resumed_from_step": resumed_from,
+                "saved_model": state.saved_model,
                 "precision": precision,
                 "xla": xla,
                 "strategy": strategy_kind(strategy),
@@ -1169,7 +1179,8 @@ def train(
         # ----- finish: export the best model, final metrics, mark the backup finished
         if chief:
             if cfg.export:
-                _export(run_dir, tokenizer, notify)
+                exported = _export(run_dir, tokenizer, notify)
+                state.saved_model = str(exported) if exported is not None else None
             # A run stopped by the time budget stays resumable; a completed one is marked finished.
             state.finished = state.status in ("completed", "early_stopped")
             write_json(run_dir / "metrics.json", summary())
@@ -1243,5 +1254,8 @@ def _export(run_dir: Path, tokenizer, notify: Callable[[str], None]) -> Path | N
     if not best.is_file():
         notify("notice: no best model (no finite validation loss); no SavedModel exported")
         return None
+    keras.mixed_precision.set_global_policy("float32")  # serve in float32 whatever the training precision
     model = keras.saving.load_model(best, compile=False)
-    return export_saved_model(model, tokenizer, run_dir / "saved_model")
+    out = export_saved_model(model, tokenizer, run_dir / "saved_model")
+    notify(f"exported {out}")
+    return out
