@@ -116,7 +116,7 @@ def main() -> None:
           f"{args.heads} heads; {args.steps} steps x batch {args.batch} x {args.context} tokens "
           f"({args.steps * args.batch * args.context:,} tokens) per size; AdamW lr {args.lr} warmup+cosine; "
           f"seed {args.seed}; data {args.data}\n")
-    print("| vocab | val bytes/token | train tokens | val tokens | epochs | params | train loss | "
+    print("| vocab | val bytes/token | train tokens | val tokens | epochs | params | train loss (epoch mean) | "
           "val loss (nats/token) | val bits/byte | tokenizer s | fit s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
