@@ -29,6 +29,7 @@ memory-mapped, so a second run starts instantly and a 2 GB corpus never sits in 
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import hashlib
 import io
@@ -545,6 +546,7 @@ def _chunks(stories: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[s
 
 def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, dtype: np.dtype, *,
                   workers: int, progress: bool, desc: str) -> dict[str, int]:
+    """Tokenise `stories` into `bin_path` (via a temporary file); at most 2·workers chunks in flight."""
     from tqdm.auto import tqdm
 
     fd, tmp = tempfile.mkstemp(prefix=f".{bin_path.name}.", suffix=".tmp", dir=bin_path.parent)
@@ -553,6 +555,16 @@ def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, 
     try:
         with os.fdopen(fd, "wb") as out, tqdm(desc=desc, unit=" stories", disable=not progress,
                                               mininterval=0.5, dynamic_ncols=True) as bar:
+
+            def write(result: tuple[bytes, int, int, int]) -> None:
+                data, n_stories, n_tokens, n_bytes = result
+                out.write(data)
+                stats["stories"] += n_stories
+                stats["tokens"] += n_tokens
+                stats["bytes"] += n_bytes
+                bar.update(n_stories)
+                bar.set_postfix(tokens=f"{stats['tokens']:.3g}", MB=f"{stats['bytes'] / 1e6:.0f}", refresh=False)
+
             out.write(np.asarray([tokenizer.eos_id], dtype=dtype).tobytes())
             chunks = _chunks(stories)
             head = list(itertools.islice(chunks, 2))
@@ -560,15 +572,16 @@ def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, 
             if workers > 1 and len(head) > 1:  # a pool only pays off beyond one chunk (1 MB of text)
                 ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
                 pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_proto,))
-                results: Iterable[tuple[bytes, int, int, int]] = pool.imap(_encode_chunk_in_worker, _counted(chunks, bar))
+                pending: collections.deque = collections.deque()
+                for chunk in chunks:  # bounded read-ahead: memory stays flat on a 2 GB corpus
+                    pending.append(pool.apply_async(_encode_chunk_in_worker, (chunk,)))
+                    if len(pending) >= 2 * workers:
+                        write(pending.popleft().get())
+                while pending:
+                    write(pending.popleft().get())
             else:
-                results = (_encode_chunk(tokenizer, c) for c in _counted(chunks, bar))
-            for data, n_stories, n_tokens, n_bytes in results:
-                out.write(data)
-                stats["stories"] += n_stories
-                stats["tokens"] += n_tokens
-                stats["bytes"] += n_bytes
-                bar.set_postfix(tokens=f"{stats['tokens']:.3g}", refresh=False)
+                for chunk in chunks:
+                    write(_encode_chunk(tokenizer, chunk))
         make_readable(tmp)
         os.replace(tmp, bin_path)
     except BaseException:
@@ -579,12 +592,6 @@ def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, 
             pool.terminate()
             pool.join()
     return stats
-
-
-def _counted(chunks: Iterator[list[str]], bar: Any) -> Iterator[list[str]]:
-    for chunk in chunks:
-        bar.update(len(chunk))
-        yield chunk
 
 
 # ========================================================================================== tf.data windows
