@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tfgpt.data import DEFAULT_SOURCE, DataError, load_stories
     from tfgpt.evaluation import EvaluationError, evaluate_model, sample_quality
+    from tfgpt.generation import DEFAULT_MODEL
     from tfgpt.tokenizer import atomic_write
 
     if args.data is None:
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, EvaluationError) as exc:
         fail(str(exc))
 
-    print(f"model {args.model or 'runs/shipped'} ({model.count_params():,} parameters, context "
+    print(f"model {args.model or DEFAULT_MODEL} ({model.count_params():,} parameters, context "
           f"{scores['context']}) on {args.data} [{args.split}]: {scores['stories']} stories, "
           f"{scores['tokens']:,} tokens, {scores['bytes']:,} bytes, stride {scores['stride']}")
     print(f"loss {scores['loss']:.4f} nats/token | perplexity {scores['perplexity']:.3f} | "
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{samples['repetition_rate']:.3f} | ended with end-of-text {samples['eos_rate']:.1%}")
     if args.json:
         record = {
-            "model": args.model or "runs/shipped",
+            "model": str(args.model or DEFAULT_MODEL),
             "data": args.data,
             "split": args.split,
             **scores,

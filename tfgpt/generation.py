@@ -472,8 +472,8 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
 
 def _tokenizer_from_run(run_dir: Path) -> Path:
     """The tokenizer named by run_dir/config.json (keys "tokenizer", "tokenizer_path", "tokenizer_dir",
-    at the top level or under "data"), resolved against run_dir, then the working directory; else
-    run_dir/tokenizer."""
+    at the top level or under "data"/"train"), resolved against run_dir, the working directory, then
+    the repository root (training writes paths relative to where it ran); else run_dir/tokenizer."""
     import json
 
     config_file = run_dir / "config.json"
@@ -483,7 +483,7 @@ def _tokenizer_from_run(run_dir: Path) -> Path:
             for key in ("tokenizer", "tokenizer_path", "tokenizer_dir"):
                 value = section.get(key) if isinstance(section, dict) else None
                 if isinstance(value, str) and value:
-                    for candidate in (run_dir / value, Path(value)):
+                    for candidate in (run_dir / value, Path(value), DEFAULT_MODEL.parents[1] / value):
                         if candidate.exists():
                             return candidate
                     return Path(value)
