@@ -48,9 +48,10 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
 DEFAULT_DATA_SOURCE = "roneneldan/TinyStories"  # = tfgpt.data.DEFAULT_SOURCE
 
 #: What `--precision auto` / `--xla auto` resolve to on a CPU: the fastest combination measured by
-#: bench/train_throughput_modes.py (bench-6m, B=32, T=256, 2-core CPU; see the bench's docstring).
+#: bench/train_throughput_modes.py (bench-6m, B=32, T=256, 2 shared cores): float32 + XLA, ~1.5x
+#: float32 without XLA; mixed_bfloat16 was no faster with or without XLA (see the bench's docstring).
 CPU_AUTO_PRECISION = "float32"
-CPU_AUTO_XLA = False
+CPU_AUTO_XLA = True
 
 #: Fixed prompts for the sampled stories logged at each epoch end.
 SAMPLE_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "The big dog")
@@ -679,6 +680,8 @@ class RunMonitor(keras.callbacks.Callback):
             # Resuming mid-epoch: continue Keras' running mean of the epoch's train loss.
             for var, value in zip(self.model._loss_tracker.variables, st.loss_tracker, strict=True):
                 var.assign(value)
+        else:  # the running mean starts from scratch (several replicas: their sums are not restored)
+            st.loss_tracker = None
         self._epoch_start_step = st.global_step - st.step_in_epoch
         self._epoch_wall = 0.0
         self._last = time.monotonic()
