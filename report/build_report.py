@@ -134,7 +134,8 @@ def build(run: Path, out: Path) -> Path:
     tmp = out.with_suffix(".tmp.pdf")
     with PdfPages(tmp) as pdf:
         # ---------------------------------------------------------------- page 1
-        p = Page(pdf, "tfgpt: a GPT-2-style model written from scratch in Keras 3, trained on TinyStories")
+        p = Page(pdf, "tfgpt: a GPT-2-style model written from scratch")
+        p.heading("in Keras 3, trained on TinyStories", size=13)
         p.para(
             f"We built every part of a GPT-2 decoder as our own Keras layer, trained a {n_params:,}-parameter model "
             f"(preset {m['name']}) on genuine TinyStories text on a 2-core CPU with model.fit, and evaluated it "
