@@ -19,7 +19,10 @@ Timing: steady state only. The first `--warmup` steps (tracing, XLA compilation,
 caches) are dropped; the median of the next `--steps` step times is reported. Keras step times are the
 differences of `on_train_batch_end` timestamps with steps_per_execution=1 (the callback reads the loss
 as a Python float, which waits for the step); torch steps are timed around an explicit loop whose
-`loss.item()` is the synchronisation point.
+`loss.item()` is the synchronisation point. The table also gives the median process CPU time per step
+(steadier than wall time when other programs share the cores) and each config's first and last batch
+loss (Keras logs a running mean; the per-batch values are recovered from it), a check that all configs
+train the same batches the same way.
 
 FLOPs per trained token (forward + backward), the PaLM / nanoGPT estimate:
 
