@@ -237,7 +237,9 @@ class CausalSelfAttention(keras.layers.Layer):
         batch, seq_len = ops.shape(x)[0], ops.shape(x)[1]
         qkv = self.qkv(x)  # (B, T, 3D)
         qkv = ops.reshape(qkv, (batch, seq_len, 3, self.n_heads, self.head_dim))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, d_k)
+        # unstack, not qkv[:, :, i]: three strided-slice gradients each write a zero-filled (B, T, 3, H, d_k)
+        # tensor (16 % of a bf16 training step, bench/RESULTS.md); unstack's gradient is one stack.
+        q, k, v = ops.unstack(qkv, 3, axis=2)  # each (B, T, H, d_k)
 
         if cache is None:
             # The fused kernel has no dropout: with attention dropout active, use the explicit path.
