@@ -333,6 +333,16 @@ def _params(fns: _Compiled, lengths, max_new_tokens, temperature, top_k, top_p, 
     )
 
 
+def _start(model, prompt_ids, max_new_tokens, use_cache, jit_compile, temperature, top_k, top_p, seed, eos_id):
+    """Shared set-up of `generate` and `stream`: check the settings, pad the prompts, get the compiled
+    loop and its parameter tensors. Returns (fns, prompts, lengths, total, params)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    prompts, lengths, total = _prepare(model, prompt_ids, max_new_tokens)
+    fns = compiled(model, use_cache, jit_compile)
+    params = _params(fns, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    return fns, prompts, lengths, total, params
+
+
 def generate(
     model: Any,
     prompt_ids: Sequence[Sequence[int]],
@@ -367,10 +377,9 @@ def generate(
     Example:
         >>> generate(model, [[3, 71, 9]], 20, temperature=0)   # greedy
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    prompts, lengths, total = _prepare(model, prompt_ids, max_new_tokens)
-    fns = compiled(model, use_cache, jit_compile)
-    params = _params(fns, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    fns, prompts, lengths, total, params = _start(
+        model, prompt_ids, max_new_tokens, use_cache, jit_compile, temperature, top_k, top_p, seed, eos_id
+    )
     buffer, n_new = fns.run(tf.constant(prompts), total, params)
     buffer, n_new = buffer.numpy(), n_new.numpy()
     return [buffer[r, lengths[r] : lengths[r] + n_new[r]].tolist() for r in range(len(lengths))]
@@ -391,10 +400,9 @@ def stream(
     """Like `generate`, one step at a time: yields, per step, each row's new token (None for a row that
     is still in its prompt or already finished). Same loop body and seeds as `generate`, so the
     concatenated tokens equal `generate`'s output."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    prompts, lengths, total = _prepare(model, prompt_ids, max_new_tokens)
-    fns = compiled(model, True, jit_compile)
-    params = _params(fns, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    fns, prompts, lengths, total, params = _start(
+        model, prompt_ids, max_new_tokens, True, jit_compile, temperature, top_k, top_p, seed, eos_id
+    )
     state = fns.init(tf.constant(prompts), total, params)
     while bool(fns.cond(state, params)):
         before = state["n_new"].numpy()
