@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet TensorFlow, a clean Keras state per test, the shared TinyStories path."""
+"""Test set-up: quiet TensorFlow, a clean Keras state per test, the bundled TinyStories path."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories"
+TINYSTORIES = REPO / "data" / "tinystories"
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def _clean_keras_state():
 
 @pytest.fixture(scope="session")
 def tinystories_dir() -> Path:
-    """`../shared/data/tinystories` (genuine TinyStories text, never copied into the repo)."""
-    if not (SHARED_TINYSTORIES / "TinyStories-train.head-2MiB.txt.xz").exists():
-        pytest.fail(f"shared TinyStories text not found at {SHARED_TINYSTORIES}; clone the repo beside ../shared")
-    return SHARED_TINYSTORIES
+    """`data/tinystories`: the genuine TinyStories sample the repository carries (CDLA-Sharing-1.0)."""
+    if not (TINYSTORIES / "TinyStories-train.head-2MiB.txt.xz").exists():
+        pytest.fail(f"bundled TinyStories text not found at {TINYSTORIES}; is the clone complete?")
+    return TINYSTORIES

@@ -165,11 +165,43 @@ def test_directory_of_text_files_splits_by_name(tmp_path):
     assert list(load_stories(str(tmp_path), "all")) == STORIES + VALID
 
 
-def test_shared_tinystories_directory(tinystories_dir):
+#: The bundled files: sha256 of the compressed file, sha256 of its text (as in data/tinystories/README.md), stories.
+BUNDLED = {
+    "TinyStories-train.head-2MiB.txt.xz": (
+        "142f0147056a3b570f47c57a626fa726a68ca442df6e22c79d1c9b53d44d676e",
+        "5352b299dcb1a32898b2d779b145b5a05f3e1265953fd21c264c9f9f9c9ae33d", 2316),
+    "TinyStories-train.extra-sample.txt.xz": (
+        "1563c7078565e9dcb53393ee927126b82025590dc42e8d995c2a5d2906dedde9",
+        "d41d3941de804f8223e842a9a454ab5d2bf2d4b5f8e6e9109a1be1445f0fd809", 4655),
+    "TinyStories-valid.head.txt.xz": (
+        "acca5e22a81d7eb67a55c902a1a60e56ed0bed21e18a051f4a118e35e0833ec4",
+        "ff92eb6b0b590dcd06fee563fd0ec8ad729a05d49d76598796230046c1722c5c", 589),
+}
+
+
+def test_bundled_files_are_the_recorded_bytes(tinystories_dir):
+    import hashlib
+    import lzma
+
+    assert sorted(p.name for p in tinystories_dir.glob("*.xz")) == sorted(BUNDLED)
+    for name, (xz_sha, text_sha, stories) in BUNDLED.items():
+        packed = (tinystories_dir / name).read_bytes()
+        text = lzma.decompress(packed)
+        assert hashlib.sha256(packed).hexdigest() == xz_sha, name
+        assert hashlib.sha256(text).hexdigest() == text_sha, name
+        assert text.count(b"\n<|endoftext|>\n") + text.startswith(b"<|endoftext|>\n") == stories, name
+    readme = (tinystories_dir / "README.md").read_text()
+    assert "CDLA-Sharing-1.0" in readme and "Eldan" in readme
+    assert all(text_sha in readme for _, text_sha, _ in BUNDLED.values())
+
+
+def test_bundled_tinystories_directory(tinystories_dir):
     train = list(load_stories(str(tinystories_dir), "train"))
     valid = list(load_stories(str(tinystories_dir), "validation"))
-    assert len(train) == 2316 and len(valid) == 589  # counts from SOURCES.md; the cut-off tail is dropped
-    assert train[0].startswith("One day, a little girl named Lily found a needle")
+    # counts from the data README: 2,316 + 4,655 train (the cut-off tail of the head is dropped), 589 valid
+    assert len(train) == 2316 + 4655 and len(valid) == 589
+    assert len(set(train)) == len(train) and not set(train) & set(valid)
+    assert any(s.startswith("One day, a little girl named Lily found a needle") for s in train)
     assert valid[0].startswith("Spot. Spot saw the shiny car")
     assert all(EOT not in s and s == s.strip() and s for s in train + valid)
     assert sum("\n" in s for s in train) > 1000  # paragraphs kept inside stories

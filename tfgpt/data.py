@@ -51,10 +51,10 @@ from typing import Any
 
 import numpy as np
 
-from tfgpt.tokenizer import Tokenizer, atomic_write, make_readable
+from tfgpt.common import EOT, HF_SOURCE, atomic_write, make_readable
+from tfgpt.tokenizer import Tokenizer
 
-DEFAULT_SOURCE = "roneneldan/TinyStories"
-EOT = "<|endoftext|>"
+DEFAULT_SOURCE = HF_SOURCE
 SPLITS = ("train", "validation", "all")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
                   "all": "all"}

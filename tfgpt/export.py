@@ -26,7 +26,6 @@ variables are saved (no optimizer state). Loading:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfgpt.common import replace_directory
 from tfgpt.generation import Decoder
 
 
@@ -119,15 +119,7 @@ def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     try:
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve,
                                                           "generate": module.generate})
-        os.chmod(tmp, 0o755)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

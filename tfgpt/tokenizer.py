@@ -24,16 +24,16 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
+
+from tfgpt.common import EOT, atomic_write
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -42,7 +42,7 @@ META_FILE = "meta.json"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MEMO_SIZE = 1 << 20  # words remembered by Tokenizer.encode_batch
 _SEGMENT_RE = re.compile(r"\n| *[^ \n]+| +")
-EOS_PIECE = "<|endoftext|>"
+EOS_PIECE = EOT
 SP_SPACE = "\u2581"  # SentencePiece's visible space "▁"
 
 #: Trainer settings that make the tokenizer lossless on story text (see the module docstring).
@@ -330,27 +330,6 @@ class _Counter:
         except Exception as exc:  # SentencePiece would wrap it in a RuntimeError; keep the original
             self.error = exc
             raise
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def make_readable(path: str | Path) -> None:
-    """Give a mkstemp file (mode 0600) the usual mode of a new file (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _escape(piece: str) -> str:

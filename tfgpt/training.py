@@ -39,13 +39,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfgpt.common import HF_SOURCE, make_readable, write_json
 from tfgpt.config import PRESETS, ConfigError, GPTConfig
 from tfgpt.model import GPT, build_model
-from tfgpt.tokenizer import atomic_write, make_readable
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
-DEFAULT_DATA_SOURCE = "roneneldan/TinyStories"  # = tfgpt.data.DEFAULT_SOURCE
+DEFAULT_DATA_SOURCE = HF_SOURCE
 
 #: What `--precision auto` / `--xla auto` resolve to on a CPU: the fastest combination measured by
 #: bench/train_throughput_modes.py (bench-6m, B=32, T=256, 2 shared cores): float32 + XLA, ~1.5x
@@ -563,12 +563,6 @@ class RunState:
     @classmethod
     def from_json(cls, text: str) -> RunState:
         return cls(**json.loads(text))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as indented JSON, atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def save_backup(path: Path, model: keras.Model, state: RunState, identity_hash: str) -> None:

@@ -1,0 +1,106 @@
+"""Small helpers shared by every module: constants, atomic file writes, file modes.
+
+Importable without TensorFlow (like `tfgpt.config`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+#: The repository root (where `tokenizer/`, `runs/` and `data/` live in a checkout).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: The end-of-text string: the story separator of the raw TinyStories files and the tokenizer's eos piece.
+EOT = "<|endoftext|>"
+
+#: The Hugging Face dataset id of TinyStories (needs internet).
+HF_SOURCE = "roneneldan/TinyStories"
+
+#: The TinyStories sample bundled with the repository (CDLA-Sharing-1.0; see its README.md): the offline default.
+BUNDLED_DATA = "data/tinystories"
+
+#: The run directory of the model that ships with the repository.
+SHIPPED_RUN = "runs/shipped"
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory and os.replace, so a reader
+    never sees a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON (non-JSON values such as paths become strings)."""
+    atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a mkstemp file (mode 0600) the usual mode of a new file (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def repo_relative(path: str | Path) -> str:
+    """`path` as recorded in JSON outputs: relative to the repository root when it lies inside it,
+    otherwise as given (never an absolute path of this machine for a file of the repository)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    try:
+        return str(p.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def replace_directory(tmp: str | Path, out_dir: str | Path) -> Path:
+    """Move the finished directory `tmp` to `out_dir`, replacing any old one, never leaving `out_dir` half
+    written (the old directory is moved aside first and removed after the rename)."""
+    import shutil
+
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    os.chmod(tmp, 0o755)
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow without its C++/absl start-up lines on stderr (oneDNN, CUDA stubs, cuInit), unless
+    the user set TF_CPP_MIN_LOG_LEVEL, in which case TensorFlow logs as they asked. For command-line
+    programs: call before anything imports TensorFlow. Python errors still raise as usual."""
+    import sys
+
+    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # device discovery logs (cuInit) happen here, not later
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
