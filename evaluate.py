@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tfgpt.common import atomic_write
     from tfgpt.data import DEFAULT_SOURCE, DataError, load_stories
     from tfgpt.evaluation import EvaluationError, evaluate_model, sample_quality
-    from tfgpt.generation import DEFAULT_MODEL
+    from tfgpt.runs import DEFAULT_MODEL
 
     if args.data is None:
         args.data = str(SHARED_DATA) if SHARED_DATA.exists() else DEFAULT_SOURCE

@@ -4,7 +4,7 @@
     python generate.py --model runs/cpu-small --prompt "Tom had a red ball." --prompt "" --num-samples 2 --seed 1
     python generate.py --interactive
 
-The default model is the shipped run (tfgpt.generation.DEFAULT_MODEL, runs/shipped/). Temperature 0 is
+The default model is the shipped run (tfgpt.runs.DEFAULT_MODEL, runs/shipped/). Temperature 0 is
 greedy; --top-k / --top-p restrict sampling to the k most likely tokens / the nucleus of mass p (after
 the temperature). The same --seed gives the same text (sample k of a call uses seed + k). Arguments are
 checked before TensorFlow is imported, so a bad value fails fast with one line and exit code 2.
@@ -79,14 +79,14 @@ def check_model_path(model: str | None) -> None:
 def load(args: argparse.Namespace):
     """(model, tokenizer) of --model/--tokenizer; the default model must exist."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tfgpt.generation import DEFAULT_MODEL, GenerationError, load_model
+    from tfgpt.runs import DEFAULT_MODEL, RunError, load_model
 
     path = Path(args.model) if args.model is not None else DEFAULT_MODEL
     if args.model is None and not path.exists():
         fail(f"no model at {path}; train one (python train_keras.py ...) or pass --model RUN_DIR")
     try:
         return load_model(path, args.tokenizer)
-    except GenerationError as exc:
+    except RunError as exc:
         fail(str(exc))
 
 

@@ -25,11 +25,11 @@ from tfgpt.generation import (
     filter_logits,
     generate,
     generate_text,
-    load_model,
     prompt_token_ids,
     sample_logits,
     stream,
 )
+from tfgpt.runs import RunError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,9 +265,9 @@ def test_load_model_from_a_run_directory(trained, tmp_path):
     loaded, tok = load_model(run)
     assert tok.sha256 == tokenizer.sha256
     np.testing.assert_allclose(loaded(np.array([[3, 4, 5]])), model(np.array([[3, 4, 5]])), atol=1e-6)
-    with pytest.raises(GenerationError, match="does not exist"):
+    with pytest.raises(RunError, match="does not exist"):
         load_model(tmp_path / "nope")
-    with pytest.raises(GenerationError, match="no model.keras"):
+    with pytest.raises(RunError, match="no model.keras"):
         load_model(tmp_path)
 
 
@@ -298,7 +298,7 @@ def test_cli_prints_stories_batched_or_streamed(trained, monkeypatch, capsys):
     import generate as cli
 
     run, model, tokenizer = trained
-    monkeypatch.setattr("tfgpt.generation.DEFAULT_MODEL", run)  # `python generate.py` with no --model
+    monkeypatch.setattr("tfgpt.runs.DEFAULT_MODEL", run)  # `python generate.py` with no --model
     common = ["--temperature", "0.8", "--seed", "5", "--max-new-tokens", "30", "--no-xla",
               "--prompt", "Once upon a time", "--prompt", "", "--num-samples", "2"]
     assert cli.main([*common, "--no-stream"]) == 0
@@ -314,7 +314,7 @@ def test_cli_prints_stories_batched_or_streamed(trained, monkeypatch, capsys):
     assert cli.main(["--interactive", "--temperature", "0", "--max-new-tokens", "10", "--no-xla", "--no-stream"]) == 0
     assert capsys.readouterr().out.startswith("prompt> Tom saw a dog.")
 
-    monkeypatch.setattr("tfgpt.generation.DEFAULT_MODEL", run / "missing")
+    monkeypatch.setattr("tfgpt.runs.DEFAULT_MODEL", run / "missing")
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])
     assert exit_info.value.code == 2

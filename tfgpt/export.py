@@ -133,12 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="SavedModel directory to write")
     args = parser.parse_args(argv)
 
-    from tfgpt.generation import GenerationError, load_model
+    from tfgpt.runs import RunError, load_model
 
     try:
         model, tokenizer = load_model(args.model, args.tokenizer)
         path = export_saved_model(model, tokenizer, args.out)
-    except (GenerationError, ExportError) as exc:
+    except (RunError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path} (signatures: serving_default, generate)")

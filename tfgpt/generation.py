@@ -31,13 +31,10 @@ import random
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 
-#: The model `generate.py` and `evaluate.py` use when no --model is given (a run directory).
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "runs" / "shipped"
 #: Prompts are padded to a multiple of this many tokens (one compiled graph per bucket).
 PROMPT_BUCKET = 16
 #: The token buffer (prompt + new tokens) is padded to a multiple of this many tokens.
@@ -437,62 +434,3 @@ def generate_text(
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     new = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
     return [completion_text(tokenizer, p, n) for p, n in zip(ids, new, strict=True)]
-
-
-# ------------------------------------------------------------------------------ loading
-def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
-    """Load (model, tokenizer) from a run directory (model.keras + config.json naming the tokenizer) or a
-    .keras file (tokenizer from `tokenizer_path`, or the config.json / tokenizer/ beside it).
-
-    Raises GenerationError with a one-line fix when something is missing.
-    """
-    import json
-
-    import keras
-
-    import tfgpt.model  # noqa: F401  (registers GPT for deserialisation)
-    from tfgpt.tokenizer import Tokenizer, TokenizerError
-
-    path = Path(path)
-    if not path.exists():
-        raise GenerationError(f"model path {path} does not exist; train a model or pass --model RUN_DIR|FILE.keras")
-    run_dir = path if path.is_dir() else path.parent
-    model_file = path / "model.keras" if path.is_dir() else path
-    if not model_file.is_file():
-        raise GenerationError(f"no model.keras in {path}; pass a run directory or a .keras file")
-    if tokenizer_path is None:
-        tokenizer_path = _tokenizer_from_run(run_dir)
-    try:
-        tokenizer = Tokenizer.load(tokenizer_path)
-    except TokenizerError as exc:
-        raise GenerationError(f"{exc} (pass the tokenizer with --tokenizer)") from None
-    try:
-        model = keras.saving.load_model(model_file, compile=False)
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        raise GenerationError(f"cannot load {model_file}: {str(exc).splitlines()[0]}") from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise GenerationError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model only "
-            f"{model.config.vocab_size}; pass the tokenizer the model was trained with"
-        )
-    return model, tokenizer
-
-
-def _tokenizer_from_run(run_dir: Path) -> Path:
-    """The tokenizer named by run_dir/config.json (keys "tokenizer", "tokenizer_path", "tokenizer_dir",
-    at the top level or under "data"/"train"), resolved against run_dir, the working directory, then
-    the repository root (training writes paths relative to where it ran); else run_dir/tokenizer."""
-    import json
-
-    config_file = run_dir / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        for section in (config, config.get("data") or {}, config.get("train") or {}):
-            for key in ("tokenizer", "tokenizer_path", "tokenizer_dir"):
-                value = section.get(key) if isinstance(section, dict) else None
-                if isinstance(value, str) and value:
-                    for candidate in (run_dir / value, Path(value), DEFAULT_MODEL.parents[1] / value):
-                        if candidate.exists():
-                            return candidate
-                    return Path(value)
-    return run_dir / "tokenizer"
