@@ -1,6 +1,7 @@
 """Evaluate a tfgpt model on held-out stories: loss, perplexity, bits per byte, and sample quality.
 
-    python evaluate.py                                  # shipped model, shared validation text
+    python evaluate.py                                  # shipped model, bundled validation stories
+    python evaluate.py --data my_stories.txt            # a text file without a validation split: all of it
     python evaluate.py --model runs/cpu-small --data roneneldan/TinyStories --json eval.json
 
 Scores every story from its own start (after an end-of-text token) with full left context up to the
@@ -11,95 +12,78 @@ and the share that ended with the end-of-text token (--samples 0 skips this).
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from generate import (
+from tfgpt.cli import (
     OneLineParser,
     add_model_args,
     add_sampling_args,
-    check_model_path,
     fail,
-    load,
+    load_or_exit,
+    non_negative_int_arg,
     positive_int_arg,
 )
-
-REPO = Path(__file__).resolve().parent
-#: The shared TinyStories text beside the repository, when it is there.
-SHARED_DATA = REPO.parent / "shared" / "data" / "tinystories"
+from tfgpt.common import BUNDLED_DATA, HF_SOURCE, REPO_ROOT, repo_relative, write_json
 
 
-def parse_args(argv: Sequence[str] | None):
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     add_model_args(parser)
     parser.add_argument("--data", default=None,
-                        help=f"story source (default: {SHARED_DATA} when it exists, else tfgpt.data.DEFAULT_SOURCE)")
-    parser.add_argument("--split", default="validation", help="split of --data to score (default validation)")
+                        help=f"story source: HF dataset id, directory or file (default: {BUNDLED_DATA}, the bundled "
+                             "TinyStories sample)")
+    parser.add_argument("--split", default=None,
+                        help="split to score: validation, train or all (default: the source's validation split, "
+                             "or all its stories when it has none)")
     parser.add_argument("--stride", type=positive_int_arg, default=None,
                         help="sliding-window stride for stories longer than the context (default context/2)")
     parser.add_argument("--batch-size", type=positive_int_arg, default=16)
     parser.add_argument("--max-stories", type=positive_int_arg, default=None, help="score only the first N stories")
-    parser.add_argument("--samples", type=int, default=32, help="stories to sample for the quality measures (0 = none)")
+    parser.add_argument("--samples", type=non_negative_int_arg, default=32,
+                        help="stories to sample for the quality measures (0 = none)")
     parser.add_argument("--sample-tokens", type=positive_int_arg, default=256, help="max new tokens per sample")
     add_sampling_args(parser, temperature=1.0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.samples < 0:
-        parser.error(f"argument --samples: must be >= 0, got {args.samples}")
     if args.seed is None:
         args.seed = 0  # evaluation is deterministic
+    if args.data is None:
+        bundled = REPO_ROOT / BUNDLED_DATA
+        args.data = repo_relative(bundled) if Path.cwd() == REPO_ROOT else str(bundled)
+        if not bundled.exists():
+            args.data = HF_SOURCE
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    check_model_path(args.model)
-    model, tokenizer = load(args)
+    model, tokenizer = load_or_exit(args.model, args.tokenizer)
 
-    from tfgpt.common import atomic_write
-    from tfgpt.data import DEFAULT_SOURCE, DataError, load_stories
-    from tfgpt.evaluation import EvaluationError, evaluate_model, sample_quality
+    from tfgpt.evaluation import EvaluationError, evaluate_source, report_lines, sample_quality
     from tfgpt.runs import DEFAULT_MODEL
 
-    if args.data is None:
-        args.data = str(SHARED_DATA) if SHARED_DATA.exists() else DEFAULT_SOURCE
     try:
-        stories = load_stories(args.data, args.split)
-        scores = evaluate_model(model, stories, tokenizer, stride=args.stride, batch_size=args.batch_size,
-                                max_stories=args.max_stories, progress=not args.no_progress)
+        record = evaluate_source(model, tokenizer, args.data, args.split, stride=args.stride,
+                                 batch_size=args.batch_size, max_stories=args.max_stories,
+                                 progress=not args.no_progress)
         samples = None
         if args.samples:
-            samples, _ = sample_quality(model, tokenizer, args.samples, max_new_tokens=args.sample_tokens,
-                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                        seed=args.seed, jit_compile=args.xla)
-    except (DataError, EvaluationError) as exc:
+            stats, _ = sample_quality(model, tokenizer, args.samples, max_new_tokens=args.sample_tokens,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed, jit_compile=args.xla)
+            samples = {**stats, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                       "seed": args.seed, "max_new_tokens": args.sample_tokens}
+    except EvaluationError as exc:
         fail(str(exc))
-
-    print(f"model {args.model or DEFAULT_MODEL} ({model.count_params():,} parameters, context "
-          f"{scores['context']}) on {args.data} [{args.split}]: {scores['stories']} stories, "
-          f"{scores['tokens']:,} tokens, {scores['bytes']:,} bytes, stride {scores['stride']}")
-    print(f"loss {scores['loss']:.4f} nats/token | perplexity {scores['perplexity']:.3f} | "
-          f"bits per byte {scores['bits_per_byte']:.4f} | {scores['tokens']:,} tokens")
-    if samples is not None:
-        print(f"samples: {samples['samples']} (temperature {args.temperature}, top-k {args.top_k}, top-p "
-              f"{args.top_p}, seed {args.seed}, max {args.sample_tokens} tokens): distinct-1 "
-              f"{samples['distinct_1']:.3f} | distinct-2 {samples['distinct_2']:.3f} | repetition rate "
-              f"{samples['repetition_rate']:.3f} | ended with end-of-text {samples['eos_rate']:.1%}")
+    record = {"model": repo_relative(args.model or DEFAULT_MODEL), "parameters": model.count_params(),
+              **record, "data": repo_relative(args.data), "samples": samples}
+    print("\n".join(report_lines(record)))
     if args.json:
-        record = {
-            "model": str(args.model or DEFAULT_MODEL),
-            "data": args.data,
-            "split": args.split,
-            **scores,
-            "samples": None if samples is None else {
-                **samples, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "seed": args.seed, "max_new_tokens": args.sample_tokens,
-            },
-        }
-        atomic_write(args.json, (json.dumps(record, indent=2) + "\n").encode())
+        write_json(args.json, record)
         print(f"wrote {args.json}")
     return 0
 

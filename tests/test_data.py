@@ -441,3 +441,28 @@ def test_bad_pipeline_arguments():
         make_dataset(tokens, 0, 2)
     with pytest.raises(DataError, match="skip_batches must be a non-negative"):
         make_dataset(tokens, 8, 2, skip_batches=-1)
+
+
+def test_cli_train_tokenizer_and_errors(tmp_path, capsys):
+    from tfgpt.data import main
+    from tfgpt.tokenizer import Tokenizer
+
+    data = tmp_path / "stories-train.txt"
+    data.write_text("".join(f"Story {i}: Nia fed the {i % 5} ducks and went home.\n<|endoftext|>\n" for i in range(300)))
+    out = tmp_path / "tok"
+    assert main(["train-tokenizer", "--data", str(data), "--vocab-size", "300", "--out", str(out)]) == 0
+    assert Tokenizer.load(out).vocab_size == 300
+    assert "wrote" in capsys.readouterr().out
+    broken = tmp_path / "broken-train.txt"
+    broken.write_bytes(data.read_bytes() + b"Story \xff\n<|endoftext|>\n")
+    bad_cases = [
+        (["train-tokenizer", "--data", str(broken), "--out", str(tmp_path / "z")], f"invalid UTF-8 at byte offset {data.stat().st_size + 6}"),
+        (["train-tokenizer", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")], "does not exist"),
+        (["train-tokenizer", "--data", str(data), "--vocab-size", "50000", "--out", str(tmp_path / "y")], "larger than"),
+        (["tokenize", "--tokenizer", str(data), "--data", str(data)], "is not a SentencePiece model"),
+    ]
+    for argv, needle in bad_cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not any((tmp_path / d).exists() for d in "xyz")  # nothing half-written

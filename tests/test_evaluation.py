@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from test_generation import tiny_run
 
 from tfgpt import GPTConfig, build_model
+from tfgpt.data import story_tokens
 from tfgpt.evaluation import (
     EvaluationError,
     evaluate_model,
@@ -86,7 +87,7 @@ def test_uniform_model_has_perplexity_equal_to_the_vocabulary():
     model = build_model(GPTConfig.from_preset("tiny"))  # tied embeddings: E = 0 gives logits = 0
     model.embedding.token_embeddings.assign(np.zeros(model.embedding.token_embeddings.shape, np.float32))
     vocab = model.config.vocab_size
-    out = evaluate_model(model, STORIES, ByteTokenizer(), stride=32, batch_size=4, progress=False)
+    out = evaluate_model(model, story_tokens(STORIES, ByteTokenizer()), stride=32, batch_size=4, progress=False)
     n_bytes = sum(len(s.encode()) for s in STORIES)
     assert out["tokens"] == n_bytes + len(STORIES)  # every byte plus each story's closing eos
     assert out["bytes"] == n_bytes
@@ -109,21 +110,21 @@ def test_sliding_window_loss_equals_a_per_token_reference():
     logits = np.asarray(model(windows)).astype(np.float64)[np.arange(len(last)), last]  # (targets, V)
     top = logits.max(axis=-1)
     nll = float(np.sum(np.log(np.exp(logits - top[:, None]).sum(-1)) + top - logits[np.arange(len(last)), seq[1:]]))
-    out = evaluate_model(model, [story], ByteTokenizer(), stride=1, batch_size=64, progress=False)
+    out = evaluate_model(model, story_tokens([story], ByteTokenizer()), stride=1, batch_size=64, progress=False)
     assert out["tokens"] == len(seq) - 1
     assert out["loss"] * out["tokens"] == pytest.approx(nll, rel=1e-5)
     # batching and padding do not change the result
-    a = evaluate_model(model, STORIES, ByteTokenizer(), batch_size=1, progress=False)
-    b = evaluate_model(model, STORIES, ByteTokenizer(), batch_size=5, progress=False)
+    a = evaluate_model(model, story_tokens(STORIES, ByteTokenizer()), batch_size=1, progress=False)
+    b = evaluate_model(model, story_tokens(STORIES, ByteTokenizer()), batch_size=5, progress=False)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
 def test_bad_evaluation_arguments():
     model = build_model(GPTConfig.from_preset("tiny"))
     with pytest.raises(EvaluationError, match="stride must be in"):
-        evaluate_model(model, STORIES, ByteTokenizer(), stride=65, progress=False)
+        evaluate_model(model, story_tokens(STORIES, ByteTokenizer()), stride=65, progress=False)
     with pytest.raises(EvaluationError, match="no stories"):
-        evaluate_model(model, [], ByteTokenizer(), progress=False)
+        evaluate_model(model, story_tokens([], ByteTokenizer()), progress=False)
 
 
 # ------------------------------------------------------------------------- sample quality
@@ -157,7 +158,7 @@ def test_sample_quality_of_the_tiny_model(trained):
     ("args", "message"),
     [
         (["--stride", "0"], "argument --stride: must be an integer >= 1"),
-        (["--samples", "-1"], "argument --samples: must be >= 0"),
+        (["--samples", "-1"], "argument --samples: must be an integer >= 0"),
         (["--model", "missing/run"], "model path missing/run does not exist"),
     ],
 )
@@ -183,7 +184,36 @@ def test_cli_reports_scores_and_writes_json(trained, tinystories_dir, tmp_path, 
     assert record["perplexity"] == pytest.approx(math.exp(record["loss"]))
     assert f"perplexity {record['perplexity']:.3f}" in printed and "bits per byte" in printed
     assert f"{record['tokens']:,} tokens" in printed
-    expected = evaluate_model(model, load_stories(str(tinystories_dir), "validation"), tokenizer,
-                              max_stories=12, progress=False)
+    expected = evaluate_model(model, story_tokens(load_stories(str(tinystories_dir), "validation"), tokenizer,
+                                                  max_stories=12), progress=False)
     assert record["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert record["samples"]["samples"] == 3 and 0 <= record["samples"]["eos_rate"] <= 1
+    assert f"scored 12 stories, {record['tokens']:,} tokens, {record['bytes']:,} bytes" in printed
+
+    # A lone file has no validation split: all of its stories are scored (not the 5 % hash-split side).
+    stories = list(load_stories(str(tinystories_dir / "TinyStories-valid.head.txt.xz"), "all"))[:15]
+    lone = tmp_path / "mine.txt"
+    lone.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories))
+    assert cli.main(["--model", str(run), "--data", str(lone), "--samples", "0", "--no-progress",
+                     "--json", str(out_json)]) == 0
+    record = json.loads(out_json.read_text())
+    assert record["split"] == "all" and record["stories"] == 15
+    assert "[all]: scored 15 stories" in capsys.readouterr().out
+    # An explicit --split validation is honoured: the hash-split side, here none of the 15 stories.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", str(run), "--data", str(lone), "--split", "validation", "--samples", "0", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: no stories found in the validation split of {lone}")
+
+
+def test_cli_json_paths_are_relative_to_the_repository(trained, tmp_path, monkeypatch, capsys):
+    import evaluate as cli
+
+    run, _, _ = trained
+    monkeypatch.chdir(REPO)
+    out_json = tmp_path / "eval.json"
+    assert cli.main(["--model", str(run), "--max-stories", "2", "--samples", "0", "--no-progress",
+                     "--json", str(out_json)]) == 0
+    record = json.loads(out_json.read_text())
+    assert record["data"] == "data/tinystories" and record["split"] == "validation"
+    assert str(REPO) not in out_json.read_text()

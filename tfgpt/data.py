@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from tfgpt.common import EOT, HF_SOURCE, atomic_write, make_readable
+from tfgpt.common import BUNDLED_DATA, EOT, HF_SOURCE, atomic_write, make_readable
 from tfgpt.tokenizer import Tokenizer
 
 DEFAULT_SOURCE = HF_SOURCE
@@ -160,6 +160,23 @@ def _resolve(source: str, split: str, *, val_fraction: float, streaming: bool) -
         raise DataError(f"data path {source} does not exist; pass an existing file/directory or a "
                         f"Hugging Face dataset id such as {DEFAULT_SOURCE}")
     return _resolve_hub(source, split, val_fraction, streaming)
+
+
+def has_validation_split(source: str) -> bool:
+    """Whether `source` has a validation split of its own (a file with "valid" in its name, a saved
+    dataset's validation split). False means that its "validation" split is the hash-split side of its
+    stories (`val_fraction` of them). A Hugging Face id counts as having one (checked when it is read)."""
+    path = Path(os.fspath(source)).expanduser()
+    if not path.exists():
+        return not _looks_like_path(os.fspath(source))
+    if path.is_file():
+        return False
+    if (path / "dataset_dict.json").is_file():
+        keys = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        return any(k in keys for k in _VALID_SPLIT_KEYS)
+    if (path / "state.json").is_file():
+        return False
+    return any(_is_validation_file(p) for p in _find_files(path))
 
 
 # ------------------------------------------------------------------------------------- local files
@@ -393,8 +410,8 @@ def _resolve_hub(source: str, split: str, val_fraction: float, streaming: bool) 
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(
                 f"{source!r} is not a local path and could not be loaded as a Hugging Face dataset "
-                f"({type(exc).__name__}: {message[:200]}); pass an existing file/directory, or check the id "
-                "and your network"
+                f"({type(exc).__name__}: {message[:200]}); check the id and your network, or use the "
+                f"TinyStories sample that ships with tfgpt: --data {BUNDLED_DATA}"
             ) from None
         keys = list(obj.keys())
         key, hash_side = _pick_splits(keys, split, source)
@@ -701,20 +718,62 @@ def make_dataset(
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+# ========================================================================================= story tokens
+@dataclass
+class StoryTokens:
+    """Whole stories as token sequences for scoring, each laid out as in the training stream:
+    [eos, t₁, …, t_n, eos] (the model sees the story start after an end-of-text token and is judged on
+    where it ends), with the UTF-8 byte count of the stories' text (for bits per byte)."""
+
+    sequences: list[np.ndarray]
+    bytes: int
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+def story_tokens(stories: Iterable[str], tokenizer: Tokenizer, *, max_stories: int | None = None) -> StoryTokens:
+    """Tokenise `stories` (e.g. `load_stories(source, "validation")`) for `tfgpt.evaluation.evaluate_model`;
+    only the first `max_stories` when given."""
+    texts = list(itertools.islice(stories, max_stories)) if max_stories is not None else list(stories)
+    eos = int(tokenizer.eos_id)
+    dtype = np.int32
+    sequences = [np.asarray([eos, *ids, eos], dtype) for ids in tokenizer.encode_batch(texts)] if texts else []
+    return StoryTokens(sequences, sum(len(t.encode("utf-8")) for t in texts))
+
+
 # ================================================================================================ CLI
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tfgpt.data --data SOURCE --tokenizer tokenizer/`: build the token caches, print counts."""
-    parser = argparse.ArgumentParser(prog="python -m tfgpt.data", description="Pre-tokenise a story source.")
-    parser.add_argument("--data", default=DEFAULT_SOURCE, help="HF dataset id, directory, or text file")
-    parser.add_argument("--tokenizer", default="tokenizer", help="tokenizer directory or .model file")
-    parser.add_argument("--splits", default="train,validation")
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--cache-dir", default=".cache/tokens")
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
-    from tfgpt.tokenizer import TokenizerError
+    """`python -m tfgpt.data {tokenize,train-tokenizer} ...`: pre-tokenise a source (build its token caches and
+    print counts), or train the SentencePiece tokenizer on its train split."""
+    from tfgpt.tokenizer import MODEL_FILE, TokenizerError, train_tokenizer
 
+    parser = argparse.ArgumentParser(prog="python -m tfgpt.data", description="Prepare a story source.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_tok = sub.add_parser("tokenize", help="build the token caches of a source and print their counts")
+    p_tok.add_argument("--tokenizer", default="tokenizer", help="tokenizer directory or .model file")
+    p_tok.add_argument("--splits", default="train,validation")
+    p_tok.add_argument("--cache-dir", default=".cache/tokens")
+    p_tok.add_argument("--workers", type=int, default=2)
+    p_train = sub.add_parser("train-tokenizer", help="train a SentencePiece BPE tokenizer on a source's train split")
+    p_train.add_argument("--vocab-size", type=int, default=4096)
+    p_train.add_argument("--out", default="tokenizer", help="output directory")
+    p_train.add_argument("--max-stories", type=int, default=500_000,
+                         help="train on at most this many stories (uniform sample)")
+    p_train.add_argument("--seed", type=int, default=0)
+    for p in (p_tok, p_train):
+        p.add_argument("--data", default=DEFAULT_SOURCE,
+                       help=f"HF dataset id, directory, or text file (offline: {BUNDLED_DATA})")
+        p.add_argument("--val-fraction", type=float, default=0.05,
+                       help="held-out fraction when the source has no validation split")
+    args = parser.parse_args(argv)
     try:
+        if args.command == "train-tokenizer":
+            stories = load_stories(args.data, "train", val_fraction=args.val_fraction)
+            tok = train_tokenizer(stories, args.vocab_size, args.out, max_stories=args.max_stories,
+                                  seed=args.seed, source=args.data)
+            print(f"wrote {Path(args.out) / MODEL_FILE} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
+            return 0
         tok = Tokenizer.load(args.tokenizer)
         for split in args.splits.split(","):
             info = token_stream_info(args.data, tok, split, cache_dir=args.cache_dir,
@@ -725,7 +784,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

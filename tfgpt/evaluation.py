@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from tfgpt.data import StoryTokens
 from tfgpt.generation import completion_text, generate
 
 
@@ -81,23 +82,20 @@ class _Scorer:
 
 def evaluate_model(
     model: Any,
-    stories: Iterable[str],
-    tokenizer: Any,
+    stories: StoryTokens,
     *,
     stride: int | None = None,
     batch_size: int = 16,
-    max_stories: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of `model` on `stories` (see the module docstring).
 
     Args:
         model: maps (B, W) int32 ids to (B, W, V) float32 logits and has `config.context`.
-        stories: texts (e.g. `tfgpt.data.load_stories(source, "validation")`).
-        tokenizer: a `tfgpt.tokenizer.Tokenizer` (encode_batch, eos_id).
+        stories: the held-out stories as token sequences, from `tfgpt.data.story_tokens` (e.g. of
+            `tfgpt.data.load_stories(source, "validation")`).
         stride: sliding-window stride for stories longer than the context (default context // 2).
         batch_size: windows per forward pass.
-        max_stories: score only the first N stories.
 
     Returns:
         {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "stories", "context", "stride"}.
@@ -108,17 +106,11 @@ def evaluate_model(
         raise EvaluationError(f"stride must be in [1, {context}] (the model's context), got {stride}")
     if batch_size < 1:
         raise EvaluationError(f"batch size must be >= 1, got {batch_size}")
-    texts = [s for s in stories]
-    if max_stories is not None:
-        texts = texts[:max_stories]
-    if not texts:
+    if not len(stories):
         raise EvaluationError("no stories to evaluate; check --data and --split")
 
-    eos = int(tokenizer.eos_id)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     rows: list[tuple[np.ndarray, int]] = []  # (window ids: inputs + last target, scored targets)
-    for ids in tokenizer.encode_batch(texts):
-        seq = np.asarray([eos, *ids, eos], np.int32)
+    for seq in stories.sequences:
         for begin, end, scored in story_windows(seq, context, stride):
             rows.append((seq[begin : end + 1], scored))
     n_tokens = sum(scored for _, scored in rows)
@@ -141,7 +133,7 @@ def evaluate_model(
         total_nll += float(scorer.nll(inputs, targets, weights))
         bar.update(sum(s for _, s in chunk))
     bar.close()
-    return summarize(total_nll, n_tokens, n_bytes) | {"stories": len(texts), "context": context, "stride": stride}
+    return summarize(total_nll, n_tokens, stories.bytes) | {"stories": len(stories), "context": context, "stride": stride}
 
 
 def summarize(total_nll: float, tokens: int, n_bytes: int) -> dict[str, float | int]:
@@ -235,3 +227,57 @@ def sample_quality(
             ended.append(bool(ids) and ids[-1] == eos)
             texts.append(completion_text(tokenizer, [eos], ids))
     return sample_statistics(texts, ended), texts
+
+
+# ------------------------------------------------------------------------------- one evaluation
+def evaluate_source(
+    model: Any,
+    tokenizer: Any,
+    source: str,
+    split: str | None = None,
+    *,
+    val_fraction: float = 0.05,
+    stride: int | None = None,
+    batch_size: int = 16,
+    max_stories: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`evaluate_model` on the stories of `split` of `source` (a `tfgpt.data` source).
+
+    split=None scores the source's own validation split where it has one (a "valid" file, a dataset's
+    validation split), and otherwise *all* of its stories (a lone text file is all held-out text); an
+    explicit "validation" on such a source scores its hash-split side (`val_fraction` of the stories).
+    Returns the scores with "data" and "split" (the split actually scored) added.
+    """
+    from tfgpt.data import DataError, has_validation_split, load_stories, story_tokens
+
+    if split is None:
+        split = "validation" if has_validation_split(source) else "all"
+    try:
+        stories = story_tokens(load_stories(source, split, val_fraction=val_fraction), tokenizer,
+                               max_stories=max_stories)
+    except DataError as exc:
+        raise EvaluationError(str(exc)) from None
+    scores = evaluate_model(model, stories, stride=stride, batch_size=batch_size, progress=progress)
+    return {"data": source, "split": split, **scores}
+
+
+def report_lines(record: dict[str, Any]) -> list[str]:
+    """The lines `evaluate.py` prints for a record of `evaluate_source` (+ "model", "parameters",
+    and "samples" from `sample_quality` with its settings, or None)."""
+    lines = [
+        f"model {record['model']} ({record['parameters']:,} parameters, context {record['context']}) "
+        f"on {record['data']} [{record['split']}]: scored {record['stories']:,} stories, {record['tokens']:,} "
+        f"tokens, {record['bytes']:,} bytes (stride {record['stride']})",
+        f"loss {record['loss']:.4f} nats/token | perplexity {record['perplexity']:.3f} | "
+        f"bits per byte {record['bits_per_byte']:.4f} | {record['tokens']:,} tokens",
+    ]
+    s = record.get("samples")
+    if s:
+        lines.append(
+            f"samples: {s['samples']} (temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}, "
+            f"seed {s['seed']}, max {s['max_new_tokens']} tokens): distinct-1 {s['distinct_1']:.3f} | "
+            f"distinct-2 {s['distinct_2']:.3f} | repetition rate {s['repetition_rate']:.3f} | "
+            f"ended with end-of-text {s['eos_rate']:.1%}"
+        )
+    return lines

@@ -14,8 +14,10 @@ The settings make `decode(encode(text)) == text` for every Unicode string (witho
 Special ids: pad=0, unk=1, bos=2 ("<s>"), eos=3 ("<|endoftext|>", the end-of-text token).
 The token stream of a corpus is `eos s1 eos s2 eos ...`.
 
-CLI:
-    python -m tfgpt.tokenizer train --data SOURCE --vocab-size 4096 --out tokenizer/
+CLI (training reads stories through tfgpt.data, so that command lives there; this module imports no
+other tfgpt module but tfgpt.common):
+    python -m tfgpt.data train-tokenizer --data data/tinystories --vocab-size 4096 --out tokenizer/
+    python -m tfgpt.tokenizer encode --tokenizer tokenizer "Once upon a time"
 """
 
 from __future__ import annotations
@@ -347,41 +349,19 @@ def _sp_message(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tfgpt.tokenizer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a SentencePiece BPE tokenizer on a story source")
-    p_train.add_argument("--data", default=None, help="story source (HF id, local dir, or text file); "
-                         "default roneneldan/TinyStories")
-    p_train.add_argument("--vocab-size", type=int, default=4096)
-    p_train.add_argument("--out", default="tokenizer", help="output directory")
-    p_train.add_argument("--max-stories", type=int, default=500_000,
-                         help="train on at most this many stories (uniform sample)")
-    p_train.add_argument("--val-fraction", type=float, default=0.05,
-                         help="held-out fraction when the source has no validation split")
-    p_train.add_argument("--seed", type=int, default=0)
-    p_encode = sub.add_parser("encode", help="print the ids and pieces of a text")
-    p_encode.add_argument("--tokenizer", default="tokenizer")
-    p_encode.add_argument("text")
+    parser.add_argument("command", choices=["encode"], help="encode: print the ids and pieces of a text")
+    parser.add_argument("--tokenizer", default="tokenizer")
+    parser.add_argument("text")
     args = parser.parse_args(argv)
-
-    from tfgpt.data import DEFAULT_SOURCE, DataError, load_stories
-
     try:
-        if args.command == "train":
-            source = args.data or DEFAULT_SOURCE
-            stories = load_stories(source, "train", val_fraction=args.val_fraction)
-            tok = train_tokenizer(stories, args.vocab_size, args.out, max_stories=args.max_stories,
-                                  seed=args.seed, source=source)
-            print(f"wrote {Path(args.out) / MODEL_FILE} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
-        elif args.command == "encode":
-            tok = Tokenizer.load(args.tokenizer)
-            ids = tok.encode(args.text)
-            print(ids)
-            print([tok.id_to_piece(i) for i in ids])
-    except (TokenizerError, DataError) as exc:
+        tok = Tokenizer.load(args.tokenizer)
+        ids = tok.encode(args.text)
+    except TokenizerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(ids)
+    print([tok.id_to_piece(i) for i in ids])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
