@@ -4,7 +4,7 @@
     .venv/bin/python bench/data_throughput.py --size-mb 50      # smaller, for 2 busy cores
 
 1. Builds a synthetic corpus of --size-mb MB in a temporary directory (deleted afterwards, never committed)
-   by sampling sentences of the shared TinyStories text into stories, in the raw `<|endoftext|>` layout.
+   by sampling sentences of the bundled TinyStories text (data/tinystories) into stories, in the raw `<|endoftext|>` layout.
 2. Tokenises it with the committed tokenizer through `tfgpt.data.token_stream` (the real code path:
    parse, tokenise, write the uint16 cache), with 1 process and with a pool of 2; then times the cached
    second call. Also times parsing alone, plain SentencePiece and Tokenizer.encode_batch (word memo)
@@ -52,7 +52,7 @@ FULL_TINYSTORIES_BYTES = 1.92e9  # TinyStories-train.txt (V1), about 1.9 GB of U
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size-mb", type=float, default=200.0, help="synthetic corpus size")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinystories"),
+    p.add_argument("--data", default=str(REPO / "data" / "tinystories"),
                    help="where the sentences are sampled from")
     p.add_argument("--tokenizer", default=str(REPO / "tokenizer"))
     p.add_argument("--context", type=int, default=256)

@@ -41,7 +41,7 @@ from tfgpt.tokenizer import train_tokenizer  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinystories"))
+    p.add_argument("--data", default=str(REPO / "data" / "tinystories"))
     p.add_argument("--sizes", default="2048,4096,8192", help="comma-separated vocabulary sizes")
     p.add_argument("--steps", type=int, default=300, help="training steps per size (same for every size)")
     p.add_argument("--batch", type=int, default=32)

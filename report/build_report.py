@@ -176,7 +176,7 @@ def build(run: Path, out: Path) -> Path:
         p.heading("2. Data and tokenizer")
         p.para(
             "Text: the first 2 MiB of the official TinyStories V1 train file (2,316 complete stories) and the "
-            "first 589 stories of the V1 validation split, from ../shared (the full 2 GB corpus is not reachable "
+            "first 589 stories of the V1 validation split, bundled in data/tinystories (the full 2 GB corpus is not reachable "
             "here; the same code path streams it from Hugging Face). Tokenizer: SentencePiece BPE with byte "
             f"fallback and no normalisation (lossless), vocabulary {config['tokenizer_info']['vocab_size']}, "
             "chosen by held-out bits per byte among 2048/4096/8192 (tokenizer/README.md, bench/tokenizer_vocab.py). "
