@@ -223,6 +223,39 @@ def test_hash_split_is_stable_and_disjoint(tmp_path):
     assert list(load_stories(str(path), "validation", val_fraction=0.1)) == valid
 
 
+def test_dev_split_is_carved_from_train_only(tinystories_dir, tmp_path):
+    src = str(tinystories_dir)
+    train_all = list(load_stories(src, "train"))
+    train = list(load_stories(src, "train", dev_fraction=0.05))
+    dev = list(load_stories(src, "dev", dev_fraction=0.05))
+    valid = list(load_stories(src, "validation", dev_fraction=0.05))
+    assert not set(train) & set(dev) and sorted(train + dev) == sorted(train_all)
+    assert 0.035 * len(train_all) < len(dev) < 0.065 * len(train_all)  # ~5 % of 6,971
+    assert valid == list(load_stories(src, "validation"))  # the test set is untouched
+    assert all(story_hash_fraction(s, "dev") < 0.05 <= story_hash_fraction(t, "dev") for s, t in zip(dev, train))
+    # independent of the validation hash: on a file without a validation split the three sides are disjoint
+    stories = [f"Story {i}: a cat named Tom ran {i % 9} laps." for i in range(600)]
+    path = write(tmp_path / "many.txt", blank_text(stories))
+    sides = {split: set(load_stories(str(path), split, val_fraction=0.1, dev_fraction=0.1))
+             for split in ("train", "dev", "validation")}
+    assert sum(map(len, sides.values())) == 600 and set().union(*sides.values()) == set(stories)
+    assert 30 <= len(sides["dev"]) <= 80
+    with pytest.raises(DataError, match="dev split needs a dev fraction"):
+        list(load_stories(src, "dev"))
+
+
+def test_dev_split_token_streams_are_cached_separately(tmp_path, tok):
+    stories = [f"Story {i}: Mia saw {i % 5} red birds." for i in range(300)]
+    path = str(write(tmp_path / "s.txt", blank_text(stories)))
+    kw = {"cache_dir": tmp_path / "cache", "workers": 1, "progress": False, "val_fraction": 0.1}
+    full = token_stream_info(path, tok, "train", **kw)
+    train = token_stream_info(path, tok, "train", dev_fraction=0.2, **kw)
+    dev = token_stream_info(path, tok, "dev", dev_fraction=0.2, **kw)
+    assert len({full["key"], train["key"], dev["key"]}) == 3
+    assert train["stories"] + dev["stories"] == full["stories"]
+    assert train["tokens"] + dev["tokens"] == full["tokens"] + 1  # each stream starts with one eos
+
+
 # ================================================================================ token cache
 def test_token_stream_layout_and_cache(tmp_path, tok, monkeypatch):
     path = write(tmp_path / "s.txt", blank_text(STORIES))

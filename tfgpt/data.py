@@ -17,6 +17,10 @@ A story is one document: its text with surrounding whitespace stripped (inner wh
 kept as they are). Held-out split: the source's own validation split where it has one; otherwise stories go
 to validation when `hash(story) < val_fraction` (blake2b), so the same story always lands on the same side.
 
+Dev split (for choices made without touching the test set): with `dev_fraction` > 0 the train stories are
+split once more by a second, independent hash: `dev` = train stories with `hash_dev(story) < dev_fraction`,
+`train` = the rest. The validation split is then the untouched test set.
+
 The token stream of a split is `eos s1 eos s2 eos ...` (uint16; uint32 when the vocabulary exceeds
 65535), built once per (source identity, tokenizer hash, split, split rule) into `cache_dir` and then
 memory-mapped, so a second run starts instantly and a 2 GB corpus never sits in RAM.
@@ -55,8 +59,8 @@ from tfgpt.common import BUNDLED_DATA, EOT, HF_SOURCE, atomic_write, make_readab
 from tfgpt.tokenizer import Tokenizer
 
 DEFAULT_SOURCE = HF_SOURCE
-SPLITS = ("train", "validation", "all")
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+SPLITS = ("train", "dev", "validation", "all")
+_SPLIT_ALIASES = {"train": "train", "dev": "dev", "validation": "validation", "valid": "validation", "val": "validation",
                   "all": "all"}
 _VALID_SPLIT_KEYS = ("validation", "valid", "val")
 TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz")
@@ -83,6 +87,8 @@ class _Resolved:
     iter_raw: Callable[[], Iterator[str]]  # stories of the chosen part (before the hash filter)
     hash_side: str | None = None  # "train"/"validation": keep only that side of the hash split
     val_fraction: float = 0.0
+    dev_side: str | None = None  # "train"/"dev": keep only that side of the dev split of the train stories
+    dev_fraction: float = 0.0
 
 
 def load_stories(
@@ -90,14 +96,16 @@ def load_stories(
     split: str = "train",
     *,
     val_fraction: float = 0.05,
+    dev_fraction: float = 0.0,
     streaming: bool = False,
 ) -> Iterator[str]:
-    """Iterate over the stories of `split` ("train", "validation" or "all") of `source`.
+    """Iterate over the stories of `split` ("train", "dev", "validation" or "all") of `source`.
 
-    See the module docstring for the source forms and the split rule. Raises DataError (missing path,
-    no stories, undecodable bytes with file and byte offset, unknown split, unreachable dataset).
+    See the module docstring for the source forms and the split rules ("dev" needs dev_fraction > 0,
+    which also removes the dev stories from "train"). Raises DataError (missing path, no stories,
+    undecodable bytes with file and byte offset, unknown split, unreachable dataset).
     """
-    resolved = _resolve(source, split, val_fraction=val_fraction, streaming=streaming)
+    resolved = _resolve(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=streaming)
     return _iter_resolved(resolved)
 
 
@@ -111,6 +119,10 @@ def _iter_resolved(resolved: _Resolved) -> Iterator[str]:
             (story_hash_fraction(story) < resolved.val_fraction) != (resolved.hash_side == "validation")
         ):
             continue
+        if resolved.dev_side is not None and (
+            (story_hash_fraction(story, "dev") < resolved.dev_fraction) != (resolved.dev_side == "dev")
+        ):
+            continue
         count += 1
         yield story
     if count == 0:
@@ -118,9 +130,10 @@ def _iter_resolved(resolved: _Resolved) -> Iterator[str]:
                         "check the path/file contents (and --val-fraction for a source without a validation split)")
 
 
-def story_hash_fraction(story: str) -> float:
-    """A stable number in [0, 1) from the story text (blake2b); < val_fraction means validation."""
-    digest = hashlib.blake2b(story.encode("utf-8"), digest_size=8).digest()
+def story_hash_fraction(story: str, salt: str = "") -> float:
+    """A stable number in [0, 1) from the story text (blake2b); < val_fraction means validation. A `salt`
+    ("dev" for the dev split) gives an independent number for a second split."""
+    digest = hashlib.blake2b(story.encode("utf-8"), digest_size=8, salt=salt.encode()[:16]).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 
@@ -144,11 +157,25 @@ def _looks_like_path(source: str) -> bool:
     return source.lower().endswith(ALL_SUFFIXES + (".xz", ".gz", ".json", ".arrow"))
 
 
-def _resolve(source: str, split: str, *, val_fraction: float, streaming: bool) -> _Resolved:
+def _resolve(source: str, split: str, *, val_fraction: float, dev_fraction: float = 0.0,
+             streaming: bool) -> _Resolved:
+    split = _normalise_split(split)
+    if dev_fraction and not 0.0 < float(dev_fraction) < 1.0:
+        raise DataError(f"dev_fraction must be in [0, 1), got {dev_fraction!r}")
+    if split == "dev" and not dev_fraction:
+        raise DataError("the dev split needs a dev fraction > 0 (e.g. --dev-fraction 0.05)")
+    if split in ("train", "dev") and dev_fraction:
+        resolved = _resolve_source(source, "train", val_fraction=val_fraction, streaming=streaming)
+        resolved.split, resolved.dev_side, resolved.dev_fraction = split, split, float(dev_fraction)
+        resolved.identity = {**resolved.identity, "dev_fraction": float(dev_fraction), "dev_side": split}
+        return resolved
+    return _resolve_source(source, split, val_fraction=val_fraction, streaming=streaming)
+
+
+def _resolve_source(source: str, split: str, *, val_fraction: float, streaming: bool) -> _Resolved:
     if not isinstance(source, str | os.PathLike) or not str(source):
         raise DataError(f"data source must be a non-empty path or dataset id, got {source!r}")
     source = os.fspath(source)
-    split = _normalise_split(split)
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -444,8 +471,8 @@ def cache_key(resolved_identity: dict[str, Any], tokenizer: Tokenizer, split: st
 
 
 def _cache_paths(source: str, tokenizer: Tokenizer, split: str, cache_dir: str | Path,
-                 val_fraction: float) -> tuple[_Resolved, Path, Path]:
-    resolved = _resolve(source, split, val_fraction=val_fraction, streaming=True)
+                 val_fraction: float, dev_fraction: float = 0.0) -> tuple[_Resolved, Path, Path]:
+    resolved = _resolve(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=True)
     key = cache_key(resolved.identity, tokenizer, resolved.split)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/\\")).name or source)[:40]
     base = Path(cache_dir) / f"{stem}.{resolved.split}.{key}"
@@ -459,6 +486,7 @@ def token_stream(
     *,
     cache_dir: str | Path = ".cache/tokens",
     val_fraction: float = 0.05,
+    dev_fraction: float = 0.0,
     workers: int = 2,
     progress: bool = True,
 ) -> np.ndarray:
@@ -472,7 +500,7 @@ def token_stream(
     only map the file. dtype uint16 (uint32 when the vocabulary exceeds 65536 ids).
     """
     return _ensure_cache(source, tokenizer, split, cache_dir=cache_dir, val_fraction=val_fraction,
-                         workers=workers, progress=progress)[0]
+                         dev_fraction=dev_fraction, workers=workers, progress=progress)[0]
 
 
 def token_stream_info(
@@ -482,18 +510,19 @@ def token_stream_info(
     *,
     cache_dir: str | Path = ".cache/tokens",
     val_fraction: float = 0.05,
+    dev_fraction: float = 0.0,
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The cache index of a token stream (built if needed): tokens, stories, bytes (UTF-8 bytes of the
     story texts, for bits per byte), dtype, key, path, source identity."""
     return _ensure_cache(source, tokenizer, split, cache_dir=cache_dir, val_fraction=val_fraction,
-                         workers=workers, progress=progress)[1]
+                         dev_fraction=dev_fraction, workers=workers, progress=progress)[1]
 
 
 def _ensure_cache(source: str, tokenizer: Tokenizer, split: str, *, cache_dir: str | Path, val_fraction: float,
-                  workers: int, progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    resolved, bin_path, index_path = _cache_paths(source, tokenizer, split, cache_dir, val_fraction)
+                  workers: int, progress: bool, dev_fraction: float = 0.0) -> tuple[np.ndarray, dict[str, Any]]:
+    resolved, bin_path, index_path = _cache_paths(source, tokenizer, split, cache_dir, val_fraction, dev_fraction)
     dtype = _stream_dtype(tokenizer)
     if index_path.is_file() and bin_path.is_file():
         index = json.loads(index_path.read_text())
