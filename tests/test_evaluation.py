@@ -217,3 +217,24 @@ def test_cli_json_paths_are_relative_to_the_repository(trained, tmp_path, monkey
     record = json.loads(out_json.read_text())
     assert record["data"] == "data/tinystories" and record["split"] == "validation"
     assert str(REPO) not in out_json.read_text()
+
+
+# ------------------------------------------------------------------------------ n-gram baselines
+def test_ngram_nll_against_hand_computation():
+    from tfgpt.data import StoryTokens
+    from tfgpt.evaluation import ngram_baselines, ngram_nll
+
+    train = StoryTokens([np.array([3, 5, 6, 3])], 10)  # targets 5 6 3; bigrams (3,5) (5,6) (6,3)
+    test = StoryTokens([np.array([3, 5, 3])], 4)  # targets 5 3; bigrams (3,5) (5,3)
+    uni = lambda w: ({5: 1, 6: 1, 3: 1}.get(w, 0) + 1.0) / (3 + 8)  # noqa: E731  add-1, V = 8
+    assert ngram_nll(train, test, 8, 1, 1.0) == pytest.approx(-math.log(uni(5)) - math.log(uni(3)))
+    p_5_after_3 = (1 + uni(5)) / (1 + 1)
+    p_3_after_5 = (0 + uni(3)) / (1 + 1)
+    assert ngram_nll(train, test, 8, 2, 1.0) == pytest.approx(-math.log(p_5_after_3) - math.log(p_3_after_5))
+    with pytest.raises(EvaluationError, match="order must be"):
+        ngram_nll(train, test, 8, 3, 1.0)
+    # alpha is chosen on dev: with dev == test the reported test figure is the best over the grid
+    out = ngram_baselines(train, test, test, 8, alphas=(0.1, 1.0, 10.0))
+    best = min(ngram_nll(train, test, 8, 2, a) for a in (0.1, 1.0, 10.0))
+    assert out["bigram"]["test_bits_per_byte"] == pytest.approx(best / math.log(2) / 4)
+    assert out["bigram"]["dev_bits_per_byte"] == out["bigram"]["test_bits_per_byte"]

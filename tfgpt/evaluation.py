@@ -26,6 +26,7 @@ max_new_tokens).
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 from collections.abc import Sequence
@@ -148,6 +149,53 @@ def summarize(total_nll: float, tokens: int, n_bytes: int) -> dict[str, float | 
         "tokens": int(tokens),
         "bytes": int(n_bytes),
     }
+
+
+# ------------------------------------------------------------------------------ n-gram baselines
+def ngram_nll(train: StoryTokens, test: StoryTokens, vocab_size: int, order: int, alpha: float) -> float:
+    """Σ NLL (nats) of the targets of `test` (scored as in `evaluate_model`: every token after the leading
+    eos of each story) under a count model fitted on `train`:
+
+        unigram  p(w)   = (c(w) + α) / (N + αV)                       (add-α)
+        bigram   p(w|v) = (c(v, w) + α·p_uni(w)) / (c(v) + α)          (Dirichlet prior on the unigram)
+    """
+    if order not in (1, 2):
+        raise EvaluationError(f"order must be 1 (unigram) or 2 (bigram), got {order}")
+    if not alpha > 0:
+        raise EvaluationError(f"alpha must be > 0, got {alpha}")
+    targets = np.concatenate([seq[1:] for seq in train.sequences]).astype(np.int64)
+    unigram = (np.bincount(targets, minlength=vocab_size) + alpha) / (len(targets) + alpha * vocab_size)
+    test_prev = np.concatenate([seq[:-1] for seq in test.sequences]).astype(np.int64)
+    test_next = np.concatenate([seq[1:] for seq in test.sequences]).astype(np.int64)
+    if order == 1:
+        return float(-np.log(unigram[test_next]).sum())
+    prev = np.concatenate([seq[:-1] for seq in train.sequences]).astype(np.int64)
+    pairs = collections.Counter(zip(prev.tolist(), targets.tolist(), strict=True))
+    pair_counts = np.array([pairs.get(k, 0) for k in zip(test_prev.tolist(), test_next.tolist(), strict=True)])
+    context_counts = np.bincount(prev, minlength=vocab_size)[test_prev]
+    probs = (pair_counts + alpha * unigram[test_next]) / (context_counts + alpha)
+    return float(-np.log(probs).sum())
+
+
+def ngram_baselines(
+    train: StoryTokens, dev: StoryTokens, test: StoryTokens, vocab_size: int,
+    alphas: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+) -> dict[str, dict[str, float]]:
+    """Unigram and bigram bits per byte on `test`, each with its smoothing α chosen on `dev` (never on test).
+
+    Returns {"unigram": {...}, "bigram": {...}}, each with alpha, dev_bits_per_byte, test_bits_per_byte,
+    test_loss (nats/token) and test_perplexity.
+    """
+    n_test = sum(len(s) - 1 for s in test.sequences)
+    out: dict[str, dict[str, float]] = {}
+    for name, order in (("unigram", 1), ("bigram", 2)):
+        dev_bpb = {a: ngram_nll(train, dev, vocab_size, order, a) / math.log(2) / dev.bytes for a in alphas}
+        alpha = min(dev_bpb, key=dev_bpb.__getitem__)
+        nll = ngram_nll(train, test, vocab_size, order, alpha)
+        out[name] = {"alpha": alpha, "dev_bits_per_byte": dev_bpb[alpha],
+                     "test_bits_per_byte": nll / math.log(2) / test.bytes,
+                     "test_loss": nll / n_test, "test_perplexity": math.exp(nll / n_test)}
+    return out
 
 
 # --------------------------------------------------------------------------- sample quality
