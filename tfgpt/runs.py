@@ -1,20 +1,32 @@
-"""Trained runs on disk: where they are and how to load one.
+"""Run directories on disk: where a run is, its backups and its config, and how to load a trained one.
 
-A run directory (`runs/<name>/`, written by `tfgpt.training`) holds `model.keras` (weights of the best
-validation epoch), `config.json` (every setting, the tokenizer path, the model config), `metrics.json`
-and, once exported, `saved_model/`. `load_model(run_dir)` gives back (model, tokenizer); `generate.py`,
-`evaluate.py`, `python -m tfgpt.export` and the report load runs through it.
+A run directory (`runs/<name>/`, written by `tfgpt.training`) holds `config.json` (every setting, the
+tokenizer path, the model config), `metrics.json`, `model.keras` (weights of the best validation epoch),
+`backup/state.npz` (model + optimizer + `RunState`: what a killed run resumes from) and, once exported,
+`saved_model/`. `load_model(run_dir)` gives back (model, tokenizer); `generate.py`, `evaluate.py`,
+`python -m tfgpt.export` and the report load runs through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tfgpt.common import REPO_ROOT, SHIPPED_RUN
+import numpy as np
+
+from tfgpt.common import REPO_ROOT, SHIPPED_RUN, make_readable, write_json
 
 #: The model `generate.py` and `evaluate.py` use when no --model is given (a run directory).
 DEFAULT_MODEL = REPO_ROOT / SHIPPED_RUN
+
+#: The backup of a run: runs/<run>/backup/state.npz.
+BACKUP_FILE = "state.npz"
+BACKUP_FORMAT = 2
 
 
 class RunError(ValueError):
@@ -73,3 +85,127 @@ def _tokenizer_from_run(run_dir: Path) -> Path:
                             return candidate
                     return Path(value)
     return run_dir / "tokenizer"
+
+
+# =========================================================================== run state and backups
+@dataclass
+class RunState:
+    """Where a run stands; saved in every backup."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # 0-based epoch the next step belongs to
+    step_in_epoch: int = 0  # steps of `epoch` already done
+    best_val_loss: float | None = None
+    best_epoch: int | None = None
+    best_step: int | None = None  # global step of the best validation loss (model.keras)
+    epochs_without_improvement: int = 0
+    wall_time: float = 0.0  # seconds spent training, over all invocations
+    history: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "running"  # running | completed | time_budget | early_stopped | diverged
+    epoch_loss: list[float] | None = None  # (total, count) of the epoch's running-mean train loss so far
+    finished: bool = False  # metrics, best model and export written for the final state
+    saved_model: str | None = None  # the exported SavedModel directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunState:
+        values = dict(values)
+        if "loss_tracker" in values:  # backup format 1 named epoch_loss after Keras' loss tracker
+            values["epoch_loss"] = values.pop("loss_tracker")
+        return cls(**values)
+
+
+def backup_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "backup" / BACKUP_FILE
+
+
+def save_backup(path: str | Path, model: Any, state: RunState, identity_hash: str) -> None:
+    """Atomically write model variables (weights, dropout RNG states), optimizer variables and the
+    run state to one .npz file (streamed to a temporary file, synced, renamed into place)."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    for i, v in enumerate(model.variables):
+        arrays[f"model/{i}"] = np.asarray(v.numpy())
+    for i, v in enumerate(model.optimizer.variables):
+        arrays[f"optimizer/{i}"] = np.asarray(v.numpy())
+    meta = {"state": state.to_dict(), "identity": identity_hash, "format": BACKUP_FORMAT}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_backup_meta(path: str | Path) -> dict[str, Any]:
+    """{"state": RunState fields, "identity": settings hash, "format": n} of a backup."""
+    with np.load(path) as z:
+        return json.loads(bytes(z["meta"]).decode())
+
+
+def load_backup(path: str | Path, model: Any) -> RunState:
+    """Restore what `save_backup` wrote into a compiled model (optimizer built); returns the state."""
+    from tfgpt.training.config import TrainConfigError
+
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        for prefix, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
+            n_saved = sum(1 for k in z.files if k.startswith(prefix + "/"))
+            if n_saved != len(variables):
+                raise TrainConfigError(
+                    f"backup {path} holds {n_saved} {prefix} variables, this model has {len(variables)}; "
+                    "it belongs to another configuration: use another --run-name"
+                )
+            for i, v in enumerate(variables):
+                value = z[f"{prefix}/{i}"]
+                if tuple(value.shape) != tuple(v.shape):
+                    raise TrainConfigError(
+                        f"backup {path}: {prefix} variable {v.path} has shape {value.shape}, expected "
+                        f"{tuple(v.shape)}; use another --run-name"
+                    )
+                v.assign(value)
+    return RunState.from_dict(meta["state"])
+
+
+def find_run(cfg: Any, resume: bool | None) -> Path | None:
+    """The backup to continue the run of `cfg` (a TrainConfig) from, or None for a new run.
+
+    `resume`: None continues runs/<run>/ when it holds a backup made with the same settings (a rerun of the
+    same command), True requires such a backup, False refuses an existing one. Raises TrainConfigError.
+    """
+    from tfgpt.training.config import TrainConfigError, config_differences
+
+    run_dir = cfg.run_dir
+    config_path = run_dir / "config.json"
+    backup = backup_path(run_dir)
+    if not backup.is_file():
+        if resume:
+            raise TrainConfigError(
+                f"--resume: {run_dir} has no backup to resume from ({backup} is missing); start it without --resume"
+            )
+        return None
+    if resume is False:
+        raise TrainConfigError(f"{run_dir} already holds a backup; choose another --run-name")
+    if read_backup_meta(backup).get("identity") != cfg.identity_hash():
+        saved = json.loads(config_path.read_text()).get("train", {}) if config_path.is_file() else {}
+        diffs = config_differences(saved, cfg) if saved else ["(config.json missing)"]
+        raise TrainConfigError(
+            f"{run_dir} holds a run with different settings ({'; '.join(diffs[:4])}); "
+            f"rerun with its settings (--config {config_path}) or choose another --run-name"
+        )
+    return backup
+
+
+def write_run_file(run_dir: str | Path, name: str, record: dict[str, Any]) -> None:
+    """Write runs/<run>/<name> (config.json, metrics.json) atomically, creating the directory."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(run_dir) / name, record)

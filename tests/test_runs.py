@@ -1,0 +1,95 @@
+"""tfgpt.runs, the run directory: backups (save, restore, refuse another model), the run state and its
+older format, finding the run a command continues, and run files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfgpt.config import GPTConfig
+from tfgpt.runs import (
+    RunState,
+    backup_path,
+    find_run,
+    load_backup,
+    read_backup_meta,
+    save_backup,
+    write_run_file,
+)
+from tfgpt.training import TrainConfig, TrainConfigError, build_optimizer, compile_model
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A compiled tiny GPT with its optimizer built, as `train` sets it up."""
+    return compile_model(GPTConfig.from_preset("tiny", context=16, **overrides), strategy=tf.distribute.get_strategy(),
+                         precision="float32", xla=False, lr=1e-3, seed=seed)
+
+
+def test_backup_round_trip_restores_model_optimizer_and_state(tmp_path):
+    model = tiny_model(seed=1)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 17)).astype("int32")
+    model.fit(ids[:, :-1], ids[:, 1:], epochs=1, verbose=0)  # optimizer moments and step are non-zero
+    state = RunState(global_step=7, epoch=1, step_in_epoch=2, epoch_loss=[12.5, 4.0], history=[{"epoch": 1}])
+    path = backup_path(tmp_path / "run")
+    save_backup(path, model, state, "abcd1234")
+    assert path == tmp_path / "run" / "backup" / "state.npz" and oct(path.stat().st_mode & 0o777) != "0o600"
+    assert [p.name for p in path.parent.iterdir()] == ["state.npz"]  # no temporary file left behind
+    assert read_backup_meta(path)["identity"] == "abcd1234"
+
+    other = tiny_model(seed=2)
+    assert not np.array_equal(other.get_weights()[0], model.get_weights()[0])
+    restored = load_backup(path, other)
+    assert restored == state
+    for a, b in zip(model.variables + model.optimizer.variables, other.variables + other.optimizer.variables,
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_backup_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "state.npz"
+    save_backup(path, tiny_model(), RunState(), "x")
+    with pytest.raises(TrainConfigError, match="has shape .* use another --run-name"):
+        load_backup(path, tiny_model(d_model=32, n_heads=2))
+    with pytest.raises(TrainConfigError, match="holds .* model variables, this model has"):
+        load_backup(path, tiny_model(n_layers=1))
+
+
+def test_run_state_reads_format_1_backups():
+    old = {"global_step": 3, "step_in_epoch": 3, "loss_tracker": [40.0, 16.0]}  # Keras' (total, count)
+    assert RunState.from_dict(old).epoch_loss == [40.0, 16.0]
+
+
+def test_find_run_new_same_and_different_settings(tmp_path):
+    cfg = TrainConfig(preset="tiny", out=str(tmp_path), run_name="r")
+    assert find_run(cfg, None) is None
+    with pytest.raises(TrainConfigError, match="has no backup to resume from"):
+        find_run(cfg, True)
+    path = backup_path(cfg.run_dir)
+    save_backup(path, tiny_model(), RunState(global_step=4), cfg.identity_hash())
+    write_run_file(cfg.run_dir, "config.json", {"train": cfg.to_json()})
+    assert find_run(cfg, None) == path and find_run(cfg, True) == path
+    with pytest.raises(TrainConfigError, match="already holds a backup; choose another --run-name"):
+        find_run(cfg, False)
+    changed = TrainConfig(preset="tiny", out=str(tmp_path), run_name="r", lr=5e-3, verbose=0)
+    with pytest.raises(TrainConfigError, match=r"different settings \(lr: 0.001 -> 0.005\); rerun with its settings"):
+        find_run(changed, None)
+
+
+def test_write_run_file_creates_the_directory_and_is_readable(tmp_path):
+    write_run_file(tmp_path / "new" / "run", "metrics.json", {"status": "running", "path": tmp_path})
+    written = tmp_path / "new" / "run" / "metrics.json"
+    assert json.loads(written.read_text())["status"] == "running"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_optimizer_variables_are_part_of_the_backup(tmp_path):
+    model = tiny_model()
+    assert len(model.optimizer.variables) > 2  # built by compile_model: restorable before the first step
+    assert isinstance(build_optimizer(model, lr=1e-3), keras.optimizers.AdamW)

@@ -1,0 +1,72 @@
+"""Training: `train(TrainConfig(...))` is what `python train_keras.py` runs: one `model.fit` job that
+
+* builds the model and compiles it inside a `tf.distribute` strategy (default / mirrored /
+  multi-worker / TPU), under a Keras precision policy, with or without XLA (`jit_compile`);
+* optimises next-token cross-entropy (float32 logits) with AdamW (β₂ = 0.95, decoupled weight decay
+  on matrices only, global-norm clipping 1.0 of the all-replica gradient) and a linear-warmup +
+  cosine-to-10% schedule;
+* logs to TensorBoard (`logs/<run>/`), keeps the best-by-validation `model.keras`, writes
+  `config.json` and `metrics.json` under `runs/<run>/`, and exports a SavedModel at the end;
+* backs up model + optimizer + position every `backup_every` steps, atomically, so that a killed
+  job (even `kill -9`) rerun with the same command continues from the last backup and ends with
+  the weights an uninterrupted run would have had (the batch stream is a pure function of
+  (seed, epoch, step): `tfgpt.data.make_dataset(first_epoch=e, skip_batches=s)`).
+
+Keras' own `BackupAndRestore` is not used: it restarts an interrupted epoch at batch 0 with the
+wrong shuffle order (measured on TF 2.21 / Keras 3.15), so its resumed runs train on different data.
+
+Modules, in the order a run uses them:
+  config     TrainConfig, its checks, and how flags / --config / --resume combine (no TensorFlow)
+  optim      loss, AdamW (dense, globally clipped gradients), weight-decay exclusion, WarmupCosine
+  strategy   tf.distribute strategy, precision, XLA; compile_model (the one model set-up)
+  callbacks  RunMonitor, StepTensorBoard, BestModelCheckpoint, StateBackup
+  job        train(): the steps of a run, each a function
+Run directories (backups, RunState, config.json, finding a run to resume) live in `tfgpt.runs`.
+
+`import tfgpt.training` and `tfgpt.training.config` do not import TensorFlow; the other names load
+their module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from tfgpt.training.config import (
+    DEFAULT_WARMUP,
+    PRECISIONS,
+    RUN_CONTROL_FIELDS,
+    STRATEGIES,
+    TrainConfig,
+    TrainConfigError,
+    TrainingError,
+    config_differences,
+    settings_from_flags,
+)
+
+_LAZY = {
+    "optim": ("WarmupCosine", "AdamW", "WholeGradientMixin", "build_optimizer", "next_token_loss",
+              "no_decay_variables"),
+    "strategy": ("CPU_AUTO_PRECISION", "CPU_AUTO_XLA", "MultiWorkerStrategy", "compile_model", "resolve_strategy",
+                 "resolve_precision", "resolve_xla", "strategy_kind", "is_chief", "on_cpu"),
+    "callbacks": ("RunMonitor", "StepTensorBoard", "BestModelCheckpoint", "StateBackup"),
+    "job": ("train", "fit_plan", "HubUnavailableError", "SAMPLE_PROMPTS"),
+}
+_RUNS = ("RunState", "save_backup", "load_backup", "read_backup_meta", "BACKUP_FILE")
+_WHERE = {name: f"tfgpt.training.{module}" for module, names in _LAZY.items() for name in names}
+_WHERE.update({name: "tfgpt.runs" for name in _RUNS})
+
+__all__ = [
+    "DEFAULT_WARMUP", "PRECISIONS", "RUN_CONTROL_FIELDS", "STRATEGIES", "TrainConfig", "TrainConfigError",
+    "TrainingError", "config_differences", "settings_from_flags", *_WHERE,
+]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'tfgpt.training' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
