@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--val-data", help="separate validation source [default: the validation split of --data]")
     a.add_argument("--val-fraction", type=float, help="held-out fraction when --data has no validation split "
                    "[default: 0.05]")
+    a.add_argument("--dev-fraction", type=float, help="carve a dev split of this fraction from the train stories "
+                   "and validate on it (checkpoint choice, patience), keeping the validation split an untouched "
+                   "test set [default: 0 = validate on the validation split]")
     a.add_argument("--tokenizer", help="directory holding tokenizer.model (or the .model file) [default: tokenizer]")
     a.add_argument("--context", type=positive_int_arg, help="T, tokens per training window (<= the preset's "
                    "context) [default: the preset's]")

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
+from tfgpt.model import build_model
 from tfgpt.runs import (
     RunState,
     backup_path,
@@ -93,3 +94,35 @@ def test_optimizer_variables_are_part_of_the_backup(tmp_path):
     model = tiny_model()
     assert len(model.optimizer.variables) > 2  # built by compile_model: restorable before the first step
     assert isinstance(build_optimizer(model, lr=1e-3), keras.optimizers.AdamW)
+
+
+def test_a_run_decodes_with_the_tokenizer_it_was_trained_with(tmp_path):
+    from tfgpt.runs import RunError, load_model, pin_tokenizer
+    from tfgpt.tokenizer import Tokenizer, train_tokenizer
+
+    stories = [f"Story {i}: Ana saw {i % 7} green frogs by the pond." for i in range(200)]
+    tok_a = train_tokenizer(stories, 320, tmp_path / "tok_a")
+    train_tokenizer(stories[::-1][:120] + ["Zed zigzags"] * 50, 310, tmp_path / "tok_b")  # another tokenizer
+    run = tmp_path / "run"
+    assert pin_tokenizer(run, tok_a) == "tokenizer"
+    assert Tokenizer.load(run / "tokenizer").sha256 == tok_a.sha256 and (run / "tokenizer" / "meta.json").is_file()
+    model = build_model(GPTConfig.from_preset("tiny", vocab_size=320))
+    model.save(run / "model.keras")
+    (run / "config.json").write_text(json.dumps({"tokenizer": "tokenizer",
+                                                 "tokenizer_info": {"sha256": tok_a.sha256}}))
+    _, loaded = load_model(run)
+    assert loaded.sha256 == tok_a.sha256
+    with pytest.raises(RunError, match=f"is not the one {run} was trained with .* pass --tokenizer {run}/tokenizer"):
+        load_model(run, tmp_path / "tok_b")
+
+
+def test_the_shipped_run_loads_with_its_pinned_tokenizer():
+    from tfgpt.runs import DEFAULT_MODEL, load_model
+
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    assert tokenizer.path.parent == DEFAULT_MODEL / "tokenizer"
+    assert tokenizer.sha256 == config["tokenizer_info"]["sha256"]
+    assert model.count_params() == config["resolved"]["parameters"]
+    assert {k: v for k, v in model.config.to_dict().items() if k in config["model"]} == {
+        k: v for k, v in config["model"].items() if k in model.config.to_dict()}

@@ -24,7 +24,7 @@ import train_keras
 from tfgpt.common import EOT, REPO_ROOT
 from tfgpt.data import load_stories
 from tfgpt.runs import read_backup_meta
-from tfgpt.tokenizer import train_tokenizer
+from tfgpt.tokenizer import Tokenizer, train_tokenizer
 from tfgpt.training import TrainConfig, TrainConfigError, WarmupCosine, fit_plan, train
 
 REPO = REPO_ROOT
@@ -145,7 +145,11 @@ def test_short_run_lowers_validation_loss_and_writes_the_run_directory(short_run
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["vocab_size"] == 512 and config["model"]["context"] == 32
-    assert config["train"]["lr"] == 3e-3 and config["tokenizer"] == cfg.tokenizer
+    assert config["train"]["lr"] == 3e-3 and config["tokenizer_source"] == cfg.tokenizer
+    # the run keeps its own copy of the tokenizer, named relative to the run directory, and loads with it
+    pinned = Tokenizer.load(run_dir / config["tokenizer"])
+    assert config["tokenizer"] == "tokenizer" and pinned.sha256 == config["tokenizer_info"]["sha256"]
+    assert pinned.model_proto == Tokenizer.load(cfg.tokenizer).model_proto
     assert config["data"]["train"] == cfg.data and config["schedule"]["total_steps"] == 334
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -384,3 +388,24 @@ def test_json_records_hold_no_absolute_path_of_the_repository(corpus, tmp_path):
         assert str(REPO_ROOT) not in text, name
     config = json.loads((cfg.run_dir / "config.json").read_text())
     assert config["tokenizer"] == "tokenizer" and config["train"]["tokenizer"] == "tokenizer"
+
+
+def test_dev_split_run_validates_on_dev_stories_only(corpus, tmp_path):
+    from tfgpt.data import token_stream
+
+    cfg = small_config(corpus, tmp_path, dev_fraction=0.2, epochs=1, max_steps=10, warmup=2)
+    summary = train(cfg)
+    config = json.loads((cfg.run_dir / "config.json").read_text())
+    kw = {"cache_dir": cfg.cache_dir, "progress": False}
+    tok = Tokenizer.load(cfg.tokenizer)
+    train_part = token_stream(cfg.data, tok, "train", dev_fraction=0.2, **kw)
+    dev_part = token_stream(cfg.data, tok, "dev", dev_fraction=0.2, **kw)
+    whole = token_stream(cfg.data, tok, "train", **kw)
+    assert config["data"]["train_tokens"] == len(train_part) and config["data"]["val_tokens"] == len(dev_part)
+    assert len(train_part) + len(dev_part) == len(whole) + 1
+    assert "dev split" in config["data"]["validation"] and config["train"]["dev_fraction"] == 0.2
+    assert summary["status"] == "completed"
+    # dev_fraction 0 leaves the identity (and so the default run name) of older runs unchanged
+    assert "dev_fraction" not in small_config(corpus, tmp_path).identity()
+    with pytest.raises(TrainConfigError, match="--dev-fraction and --val-data"):
+        small_config(corpus, tmp_path, dev_fraction=0.1, val_data=str(corpus["data"]))

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from tfgpt.common import REPO_ROOT, SHIPPED_RUN, make_readable, write_json
+from tfgpt.common import REPO_ROOT, SHIPPED_RUN, atomic_write, make_readable, write_json
 
 #: The model `generate.py` and `evaluate.py` use when no --model is given (a run directory).
 DEFAULT_MODEL = REPO_ROOT / SHIPPED_RUN
+#: Where a run keeps its own copy of the tokenizer it was trained with (relative to the run directory).
+PINNED_TOKENIZER = "tokenizer"
 
 #: The backup of a run: runs/<run>/backup/state.npz.
 BACKUP_FILE = "state.npz"
@@ -57,6 +59,13 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
         tokenizer = Tokenizer.load(tokenizer_path)
     except TokenizerError as exc:
         raise RunError(f"{exc} (pass the tokenizer with --tokenizer)") from None
+    trained_with = _recorded_tokenizer_hash(run_dir) if path.is_dir() else None
+    if trained_with is not None and tokenizer.sha256 != trained_with:
+        raise RunError(
+            f"tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:12]}) is not the one {run_dir} was trained "
+            f"with (sha256 {trained_with[:12]}, recorded in its config.json); pass --tokenizer "
+            f"{run_dir / PINNED_TOKENIZER}"
+        )
     try:
         model = keras.saving.load_model(model_file, compile=False)
     except (ValueError, OSError, json.JSONDecodeError) as exc:
@@ -67,6 +76,31 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
             f"{model.config.vocab_size}; pass the tokenizer the model was trained with"
         )
     return model, tokenizer
+
+
+def pin_tokenizer(run_dir: str | Path, tokenizer: Any) -> str:
+    """Copy the tokenizer a run trains with into runs/<run>/tokenizer/ (its model, and meta.json when the
+    source has one), so that retraining `tokenizer/` can never change what a trained run decodes with.
+    Returns the path to record in config.json, relative to the run directory."""
+    from tfgpt.tokenizer import META_FILE, MODEL_FILE
+
+    out = Path(run_dir) / PINNED_TOKENIZER
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / MODEL_FILE, tokenizer.model_proto)
+    source = Path(tokenizer.path)
+    meta = source.parent / META_FILE
+    if source.is_file() and meta.is_file():
+        atomic_write(out / META_FILE, meta.read_bytes())
+    return PINNED_TOKENIZER
+
+
+def _recorded_tokenizer_hash(run_dir: Path) -> str | None:
+    """The sha256 of the tokenizer recorded in run_dir/config.json (tokenizer_info), if any."""
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    info = json.loads(config_file.read_text()).get("tokenizer_info") or {}
+    return info.get("sha256") if isinstance(info, dict) else None
 
 
 def _tokenizer_from_run(run_dir: Path) -> Path:

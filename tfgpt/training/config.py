@@ -75,6 +75,10 @@ class TrainConfig:
         sample_tokens: tokens per sampled story at each epoch end (0 = no samples).
         patience: stop when the validation loss has not improved for this many epochs (None = off).
         val_fraction: held-out fraction when `data` has no validation split.
+        dev_fraction: > 0 carves a dev split of this fraction from the train stories (tfgpt.data, a second
+            hash): the run trains on the rest and validates on the dev stories (best checkpoint, patience),
+            so the source's validation split stays an untouched test set. 0 = validate on `val_data` or the
+            validation split of `data`.
         cache_dir: token cache directory (tfgpt.data.token_stream).
         verbose: Keras progress bar: 0 silent, 1 bar, 2 one line per epoch, "auto".
         export: write runs/<run>/saved_model at the end.
@@ -110,6 +114,7 @@ class TrainConfig:
     sample_tokens: int = 128
     patience: int | None = None
     val_fraction: float = 0.05
+    dev_fraction: float = 0.0
     cache_dir: str = ".cache/tokens"
     verbose: int | str = "auto"
     export: bool = True
@@ -148,6 +153,10 @@ class TrainConfig:
             raise TrainConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise TrainConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not 0.0 <= float(self.dev_fraction) < 1.0:
+            raise TrainConfigError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction!r}")
+        if self.dev_fraction and self.val_data is not None:
+            raise TrainConfigError("--dev-fraction and --val-data both choose the validation text; pass one")
         for name, allowed in (("precision", PRECISIONS), ("strategy", STRATEGIES)):
             if getattr(self, name) not in allowed:
                 raise TrainConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -180,7 +189,10 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the trained weights (all but `RUN_CONTROL_FIELDS`)."""
-        return {k: v for k, v in self.to_json().items() if k not in RUN_CONTROL_FIELDS}
+        values = {k: v for k, v in self.to_json().items() if k not in RUN_CONTROL_FIELDS}
+        if not values["dev_fraction"]:  # runs made before the dev split existed keep their identity
+            del values["dev_fraction"]
+        return values
 
     def identity_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
@@ -230,6 +242,7 @@ def flag(name: str) -> str:
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """`name: saved -> current` for every weight-determining setting that differs."""
     now = current.identity()
+    saved = {k: v for k, v in saved.items() if not (k == "dev_fraction" and not v)}  # as identity() drops it
     keys = sorted(set(now) | {k for k in saved if k not in RUN_CONTROL_FIELDS})
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 

@@ -26,10 +26,12 @@ from tfgpt.config import GPTConfig
 from tfgpt.data import DataError, make_dataset, steps_per_epoch, token_stream
 from tfgpt.model import GPT
 from tfgpt.runs import (
+    PINNED_TOKENIZER,
     RunState,
     backup_path,
     find_run,
     load_backup,
+    pin_tokenizer,
     read_backup_meta,
     write_run_file,
 )
@@ -84,6 +86,7 @@ def train(
         )  # fmt: skip
         restore(job, backup_file)
         if job.hw.chief:
+            pin_tokenizer(cfg.run_dir, data.tokenizer)
             write_run_file(cfg.run_dir, "config.json", job.record())
         callbacks = make_callbacks(job, start_time, extra_callbacks)
         announce(job, backup_file)
@@ -156,13 +159,13 @@ class Job:
             "model": data.model_config.to_dict(),
             "train": cfg.to_json(),
             "run_name": cfg.resolved_run_name,
-            "tokenizer": repo_relative(cfg.tokenizer),
+            "tokenizer": PINNED_TOKENIZER,  # the run's own copy (runs/<run>/tokenizer), see tfgpt.runs.pin_tokenizer
+            "tokenizer_source": repo_relative(cfg.tokenizer),
             "tokenizer_info": {"vocab_size": data.tokenizer.vocab_size, "sha256": data.tokenizer.sha256,
                                "eos_id": data.tokenizer.eos_id},
             "data": {
                 "train": repo_relative(cfg.data),
-                "validation": repo_relative(cfg.val_data) if cfg.val_data else f"{repo_relative(cfg.data)} "
-                "(validation split)",
+                "validation": validation_text(cfg),
                 "train_tokens": int(len(data.train_tokens)),
                 "val_tokens": int(len(data.val_tokens)),
             },
@@ -224,12 +227,21 @@ def finished_result(cfg: TrainConfig, backup_file: Path, notify: Callable[[str],
     return json.loads(metrics.read_text()) if metrics.is_file() else {"status": prior.status}
 
 
+def validation_text(cfg: TrainConfig) -> str:
+    """What the run validates on, for config.json."""
+    if cfg.dev_fraction:
+        return f"{repo_relative(cfg.data)} (dev split: {cfg.dev_fraction:g} of the train stories, tfgpt.data)"
+    if cfg.val_data:
+        return repo_relative(cfg.val_data)
+    return f"{repo_relative(cfg.data)} (validation split)"
+
+
 def load_tokens(source: str, tokenizer: Tokenizer, split: str, cfg: TrainConfig) -> np.ndarray:
     """The token stream of one split (tokenised once, then cached); a Hub id that cannot be loaded is a
     HubUnavailableError that names the bundled sample."""
     try:
         return token_stream(source, tokenizer, split, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction,
-                            progress=sys.stderr.isatty())
+                            dev_fraction=cfg.dev_fraction, progress=sys.stderr.isatty())
     except DataError as exc:
         if looks_like_path(source) or Path(source).expanduser().exists():
             raise
@@ -243,7 +255,10 @@ def load_data(cfg: TrainConfig) -> RunData:
     model_config = cfg.model_config(tokenizer.vocab_size)
     T, B = model_config.context, cfg.batch_size
     train_tokens = load_tokens(cfg.data, tokenizer, "train", cfg)
-    val_tokens = load_tokens(cfg.val_data or cfg.data, tokenizer, "validation", cfg)
+    if cfg.dev_fraction:  # train on the rest of the train stories, validate on the dev split
+        val_tokens = load_tokens(cfg.data, tokenizer, "dev", cfg)
+    else:
+        val_tokens = load_tokens(cfg.val_data or cfg.data, tokenizer, "validation", cfg)
     spe = steps_per_epoch(train_tokens, T, B)
     if spe < 1:
         raise DataError(f"{cfg.data} gives {len(train_tokens)} training tokens: not one batch of {B} windows of "
