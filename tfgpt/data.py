@@ -1,25 +1,7 @@
-"""Stories in, token windows out: story sources, the on-disk token cache, and the tf.data pipeline.
+"""Tokens out: the on-disk token cache of a split, the tf.data pipeline of windows, story tokens for scoring.
 
-A *source* is one string (`--data SOURCE`), resolved like this:
-
-1. an existing local path:
-   * a text file `.txt`, `.txt.xz`, `.txt.gz` in either TinyStories layout: stories separated by lines
-     reading `<|endoftext|>` (the raw `TinyStories-train.txt` layout; text after the last separator is a
-     cut-off story and is dropped), or stories separated by blank lines;
-   * a `.jsonl` (`.jsonl.gz`, `.jsonl.xz`) or `.parquet` file with a `text` column;
-   * a directory written by `datasets.save_to_disk` (a Dataset or a DatasetDict);
-   * a directory holding any of the files above (searched recursively). Files whose name contains
-     "valid" (or is an HF `val`/`validation` shard) are the validation split, all others the train split;
-2. anything else is a Hugging Face dataset id (default `roneneldan/TinyStories`), read with
-   `datasets.load_dataset` (optionally streaming).
-
-A story is one document: its text with surrounding whitespace stripped (inner whitespace and newlines are
-kept as they are). Held-out split: the source's own validation split where it has one; otherwise stories go
-to validation when `hash(story) < val_fraction` (blake2b), so the same story always lands on the same side.
-
-Dev split (for choices made without touching the test set): with `dev_fraction` > 0 the train stories are
-split once more by a second, independent hash: `dev` = train stories with `hash_dev(story) < dev_fraction`,
-`train` = the rest. The validation split is then the untouched test set.
+Stories come from `tfgpt.stories` (sources and the train / dev / validation splits; `load_stories` and
+`DataError` are re-exported here).
 
 The token stream of a split is `eos s1 eos s2 eos ...` (uint16; uint32 when the vocabulary exceeds
 65535), built once per (source identity, tokenizer hash, split, split rule) into `cache_dir` and then
@@ -34,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import hashlib
-import io
 import itertools
 import json
-import lzma
 import math
 import multiprocessing
 import os
@@ -47,413 +26,29 @@ import re
 import sys
 import tempfile
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tfgpt.common import BUNDLED_DATA, EOT, HF_SOURCE, atomic_write, make_readable
+from tfgpt.common import BUNDLED_DATA, atomic_write, make_readable
+from tfgpt.stories import (  # noqa: F401  (re-exported: the data front door)
+    DEFAULT_SOURCE,
+    SPLITS,
+    DataError,
+    ResolvedSource,
+    has_validation_split,
+    iter_source,
+    load_stories,
+    resolve_source,
+    story_hash_fraction,
+)
 from tfgpt.tokenizer import Tokenizer
 
-DEFAULT_SOURCE = HF_SOURCE
-SPLITS = ("train", "dev", "validation", "all")
-_SPLIT_ALIASES = {"train": "train", "dev": "dev", "validation": "validation", "valid": "validation", "val": "validation",
-                  "all": "all"}
-_VALID_SPLIT_KEYS = ("validation", "valid", "val")
-TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
-PARQUET_SUFFIXES = (".parquet",)
-ALL_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 #: Bumped whenever parsing or the stream layout changes, so old caches are not reused.
 CACHE_FORMAT = 1
-_SNIFF_BYTES = 4 << 20  # how much of a text file is read to tell the two layouts apart
-
-
-class DataError(ValueError):
-    """A data source or pipeline setting is unusable; the message says which and how to fix it."""
-
-
-# =============================================================================================== sources
-@dataclass
-class _Resolved:
-    """A source resolved for one split: how to iterate its stories and how to identify it for caching."""
-
-    split: str
-    description: str
-    identity: dict[str, Any]
-    iter_raw: Callable[[], Iterator[str]]  # stories of the chosen part (before the hash filter)
-    hash_side: str | None = None  # "train"/"validation": keep only that side of the hash split
-    val_fraction: float = 0.0
-    dev_side: str | None = None  # "train"/"dev": keep only that side of the dev split of the train stories
-    dev_fraction: float = 0.0
-
-
-def load_stories(
-    source: str = DEFAULT_SOURCE,
-    split: str = "train",
-    *,
-    val_fraction: float = 0.05,
-    dev_fraction: float = 0.0,
-    streaming: bool = False,
-) -> Iterator[str]:
-    """Iterate over the stories of `split` ("train", "dev", "validation" or "all") of `source`.
-
-    See the module docstring for the source forms and the split rules ("dev" needs dev_fraction > 0,
-    which also removes the dev stories from "train"). Raises DataError (missing path, no stories,
-    undecodable bytes with file and byte offset, unknown split, unreachable dataset).
-    """
-    resolved = _resolve(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=streaming)
-    return _iter_resolved(resolved)
-
-
-def _iter_resolved(resolved: _Resolved) -> Iterator[str]:
-    count = 0
-    for story in resolved.iter_raw():
-        story = story.strip()
-        if not story:
-            continue
-        if resolved.hash_side is not None and (
-            (story_hash_fraction(story) < resolved.val_fraction) != (resolved.hash_side == "validation")
-        ):
-            continue
-        if resolved.dev_side is not None and (
-            (story_hash_fraction(story, "dev") < resolved.dev_fraction) != (resolved.dev_side == "dev")
-        ):
-            continue
-        count += 1
-        yield story
-    if count == 0:
-        raise DataError(f"no stories found in the {resolved.split} split of {resolved.description}; "
-                        "check the path/file contents (and --val-fraction for a source without a validation split)")
-
-
-def story_hash_fraction(story: str, salt: str = "") -> float:
-    """A stable number in [0, 1) from the story text (blake2b); < val_fraction means validation. A `salt`
-    ("dev" for the dev split) gives an independent number for a second split."""
-    digest = hashlib.blake2b(story.encode("utf-8"), digest_size=8, salt=salt.encode()[:16]).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
-
-
-def _normalise_split(split: str) -> str:
-    key = _SPLIT_ALIASES.get(str(split).lower())
-    if key is None:
-        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    return key
-
-
-def _check_fraction(val_fraction: float) -> float:
-    if not isinstance(val_fraction, int | float) or not 0.0 < float(val_fraction) < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    return float(val_fraction)
-
-
-def _looks_like_path(source: str) -> bool:
-    """True for strings that cannot be a Hugging Face id (`name` or `owner/name`)."""
-    if source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1:
-        return True
-    return source.lower().endswith(ALL_SUFFIXES + (".xz", ".gz", ".json", ".arrow"))
-
-
-def _resolve(source: str, split: str, *, val_fraction: float, dev_fraction: float = 0.0,
-             streaming: bool) -> _Resolved:
-    split = _normalise_split(split)
-    if dev_fraction and not 0.0 < float(dev_fraction) < 1.0:
-        raise DataError(f"dev_fraction must be in [0, 1), got {dev_fraction!r}")
-    if split == "dev" and not dev_fraction:
-        raise DataError("the dev split needs a dev fraction > 0 (e.g. --dev-fraction 0.05)")
-    if split in ("train", "dev") and dev_fraction:
-        resolved = _resolve_source(source, "train", val_fraction=val_fraction, streaming=streaming)
-        resolved.split, resolved.dev_side, resolved.dev_fraction = split, split, float(dev_fraction)
-        resolved.identity = {**resolved.identity, "dev_fraction": float(dev_fraction), "dev_side": split}
-        return resolved
-    return _resolve_source(source, split, val_fraction=val_fraction, streaming=streaming)
-
-
-def _resolve_source(source: str, split: str, *, val_fraction: float, streaming: bool) -> _Resolved:
-    if not isinstance(source, str | os.PathLike) or not str(source):
-        raise DataError(f"data source must be a non-empty path or dataset id, got {source!r}")
-    source = os.fspath(source)
-    path = Path(source).expanduser()
-    if path.exists():
-        if path.is_dir():
-            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-                return _resolve_saved(path, split, val_fraction)
-            return _resolve_files(path, _find_files(path), split, val_fraction, is_dir=True)
-        return _resolve_files(path, [path], split, val_fraction, is_dir=False)
-    if _looks_like_path(source):
-        raise DataError(f"data path {source} does not exist; pass an existing file/directory or a "
-                        f"Hugging Face dataset id such as {DEFAULT_SOURCE}")
-    return _resolve_hub(source, split, val_fraction, streaming)
-
-
-def has_validation_split(source: str) -> bool:
-    """Whether `source` has a validation split of its own (a file with "valid" in its name, a saved
-    dataset's validation split). False means that its "validation" split is the hash-split side of its
-    stories (`val_fraction` of them). A Hugging Face id counts as having one (checked when it is read)."""
-    path = Path(os.fspath(source)).expanduser()
-    if not path.exists():
-        return not _looks_like_path(os.fspath(source))
-    if path.is_file():
-        return False
-    if (path / "dataset_dict.json").is_file():
-        keys = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        return any(k in keys for k in _VALID_SPLIT_KEYS)
-    if (path / "state.json").is_file():
-        return False
-    return any(_is_validation_file(p) for p in _find_files(path))
-
-
-# ------------------------------------------------------------------------------------- local files
-def _find_files(directory: Path) -> list[Path]:
-    files = sorted(
-        p for p in directory.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-        and p.name.lower().endswith(ALL_SUFFIXES)
-    )
-    if not files:
-        raise DataError(f"no story files in {directory}; expected {', '.join(ALL_SUFFIXES)} files "
-                        "or a directory written by datasets.save_to_disk")
-    return files
-
-
-def _is_validation_file(path: Path) -> bool:
-    name = path.name.lower()
-    return "valid" in name or re.match(r"^(val|dev)([-_.]|$)", name) is not None
-
-
-def _file_identity(paths: list[Path]) -> list[list[Any]]:
-    out = []
-    for p in paths:
-        st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def _resolve_files(root: Path, files: list[Path], split: str, val_fraction: float, *, is_dir: bool) -> _Resolved:
-    if not is_dir and not root.name.lower().endswith(ALL_SUFFIXES):
-        raise DataError(f"{root}: unsupported file type; use one of {', '.join(ALL_SUFFIXES)} "
-                        "or a directory of them")
-    valid = [p for p in files if _is_validation_file(p)] if is_dir else []
-    train = [p for p in files if p not in valid]
-    if valid and split != "all":
-        chosen = valid if split == "validation" else train
-        if not chosen:
-            raise DataError(f"{root} has no {split} files (files with 'valid' in the name are the "
-                            "validation split, all others the train split)")
-        rule: dict[str, Any] = {"rule": "files"}
-        hash_side = None
-    else:
-        chosen = files
-        hash_side = None if split == "all" else split
-        rule = {"rule": "all"} if split == "all" else {"rule": "hash", "val_fraction": _check_fraction(val_fraction)}
-    return _Resolved(
-        split=split,
-        description=str(root),
-        identity={"kind": "files", "files": _file_identity(chosen), **rule},
-        iter_raw=lambda: itertools.chain.from_iterable(_iter_file(p) for p in chosen),
-        hash_side=hash_side,
-        val_fraction=val_fraction if hash_side else 0.0,
-    )
-
-
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    name = path.name.lower()
-    if name.endswith(".xz"):
-        return lzma.open(path, "rb")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def _iter_file(path: Path) -> Iterator[str]:
-    name = path.name.lower()
-    try:
-        if name.endswith(PARQUET_SUFFIXES):
-            yield from _iter_parquet(path)
-        elif name.endswith(JSONL_SUFFIXES):
-            yield from _iter_jsonl(path)
-        else:
-            yield from _iter_text(path)
-    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt or truncated compressed file ({exc}); re-download or recompress it") from None
-
-
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(byte offset, decoded line with "\\n") of a possibly compressed UTF-8 file; CRLF becomes LF."""
-    compressed = path.name.lower().endswith((".xz", ".gz"))
-    offset = 0
-    with _open_binary(path) as f:
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                where = "of the decompressed text" if compressed else ""
-                raise DataError(
-                    f"{path}: invalid UTF-8 at byte offset {offset + exc.start} {where}".rstrip()
-                    + "; convert the file to UTF-8"
-                ) from None
-            if offset == 0 and line.startswith("\ufeff"):
-                line = line[1:]
-            if line.endswith("\r\n"):
-                line = line[:-2] + "\n"
-            yield offset, line
-            offset += len(raw)
-
-
-def _iter_text(path: Path) -> Iterator[str]:
-    """Stories of a text file, `<|endoftext|>` layout or blank-line layout (sniffed from the start)."""
-    with _open_binary(path) as f:
-        head = f.read(_SNIFF_BYTES)
-    if not head.strip():
-        raise DataError(f"{path} is empty; expected stories separated by {EOT} lines or blank lines")
-    if EOT.encode() in head:
-        yield from _iter_eot_layout(path)
-    else:
-        yield from _iter_blank_layout(path)
-
-
-def _iter_eot_layout(path: Path) -> Iterator[str]:
-    parts: list[str] = []
-    for _, line in _iter_lines(path):
-        if EOT in line:
-            pieces = line.split(EOT)
-            for piece in pieces[:-1]:
-                parts.append(piece)
-                yield "".join(parts)
-                parts = []
-            parts.append(pieces[-1])
-        else:
-            parts.append(line)
-    # Whatever follows the last separator is a cut-off story: dropped.
-
-
-def _iter_blank_layout(path: Path) -> Iterator[str]:
-    parts: list[str] = []
-    for _, line in _iter_lines(path):
-        if line.strip():
-            parts.append(line)
-        elif parts:
-            yield "".join(parts)
-            parts = []
-    if parts:
-        yield "".join(parts)
-
-
-def _iter_jsonl(path: Path) -> Iterator[str]:
-    for lineno, (_, line) in enumerate(_iter_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
-        yield record["text"]
-
-
-def _iter_parquet(path: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
-    if "text" not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
-    for batch in pf.iter_batches(columns=["text"], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield text
-
-
-# ------------------------------------------------------------------------------- datasets / the Hub
-def _pick_splits(keys: list[str], split: str, source: str) -> tuple[str, str | None]:
-    """(name of the split to read, hash side or None)."""
-    valid_key = next((k for k in _VALID_SPLIT_KEYS if k in keys), None)
-    train_key = "train" if "train" in keys else (keys[0] if len(keys) == 1 else None)
-    if train_key is None:
-        raise DataError(f"{source} has splits {keys}; expected a 'train' split")
-    if split == "all":
-        return train_key, None
-    if valid_key is not None:
-        return (valid_key if split == "validation" else train_key), None
-    return train_key, split
-
-
-def _dataset_stories(ds: Any, description: str) -> Iterator[str]:
-    names = list(getattr(ds, "column_names", None) or [])
-    if names and "text" not in names:
-        raise DataError(f"{description} has no 'text' column (columns: {', '.join(names)})")
-    if hasattr(ds, "iter") and hasattr(ds, "__len__"):  # map-style Dataset: read in Arrow batches
-        for batch in ds.select_columns(["text"]).iter(batch_size=4096):
-            yield from (t for t in batch["text"] if t is not None)
-    else:
-        for row in ds:
-            text = row.get("text")
-            if text is not None:
-                yield text
-
-
-def _resolve_saved(path: Path, split: str, val_fraction: float) -> _Resolved:
-    import datasets
-
-    try:
-        obj = datasets.load_from_disk(str(path))
-    except Exception as exc:
-        raise DataError(f"{path}: cannot load the saved dataset ({exc})") from None
-    keys = list(obj.keys()) if isinstance(obj, datasets.DatasetDict) else ["train"]
-    key, hash_side = _pick_splits(keys, split, str(path))
-    ds = obj[key] if isinstance(obj, datasets.DatasetDict) else obj
-    if split == "all" and isinstance(obj, datasets.DatasetDict):
-        parts = [obj[k] for k in keys]
-        ds_iter: Callable[[], Iterator[str]] = lambda: itertools.chain.from_iterable(  # noqa: E731
-            _dataset_stories(d, str(path)) for d in parts)
-    else:
-        ds_iter = lambda: _dataset_stories(ds, f"{path} [{key}]")  # noqa: E731
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    rule = {"rule": "hash", "val_fraction": _check_fraction(val_fraction)} if hash_side else {"rule": key}
-    return _Resolved(
-        split=split, description=str(path),
-        identity={"kind": "saved", "files": _file_identity(files), "split_key": key, **rule},
-        iter_raw=ds_iter, hash_side=hash_side, val_fraction=val_fraction if hash_side else 0.0,
-    )
-
-
-def _resolve_hub(source: str, split: str, val_fraction: float, streaming: bool) -> _Resolved:
-    """A Hub dataset, opened lazily: the cache key (id, split, val_fraction) needs no network, so a
-    cached token stream is used offline. Which split rule applies is known once the dataset is open."""
-    val_fraction = _check_fraction(val_fraction)
-
-    def stories() -> Iterator[str]:
-        try:
-            import datasets
-
-            obj = datasets.load_dataset(source, streaming=streaming)
-        except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(
-                f"{source!r} is not a local path and could not be loaded as a Hugging Face dataset "
-                f"({type(exc).__name__}: {message[:200]}); check the id and your network, or use the "
-                f"TinyStories sample that ships with tfgpt: --data {BUNDLED_DATA}"
-            ) from None
-        keys = list(obj.keys())
-        key, hash_side = _pick_splits(keys, split, source)
-        for part in [obj[k] for k in keys] if split == "all" else [obj[key]]:
-            for story in _dataset_stories(part, f"{source} [{key}]"):
-                if hash_side is None or (
-                    (story_hash_fraction(story.strip()) < val_fraction) == (hash_side == "validation")
-                ):
-                    yield story
-
-    return _Resolved(
-        split=split, description=f"Hugging Face dataset {source}",
-        identity={"kind": "hub", "id": source, "split": split, "val_fraction": val_fraction},
-        iter_raw=stories,
-    )
 
 
 # =========================================================================================== token cache
@@ -471,8 +66,8 @@ def cache_key(resolved_identity: dict[str, Any], tokenizer: Tokenizer, split: st
 
 
 def _cache_paths(source: str, tokenizer: Tokenizer, split: str, cache_dir: str | Path,
-                 val_fraction: float, dev_fraction: float = 0.0) -> tuple[_Resolved, Path, Path]:
-    resolved = _resolve(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=True)
+                 val_fraction: float, dev_fraction: float = 0.0) -> tuple[ResolvedSource, Path, Path]:
+    resolved = resolve_source(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=True)
     key = cache_key(resolved.identity, tokenizer, resolved.split)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/\\")).name or source)[:40]
     base = Path(cache_dir) / f"{stem}.{resolved.split}.{key}"
@@ -530,7 +125,7 @@ def _ensure_cache(source: str, tokenizer: Tokenizer, split: str, *, cache_dir: s
             return np.memmap(bin_path, dtype=dtype, mode="r"), index
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    stats = _write_stream(_iter_resolved(resolved), tokenizer, bin_path, dtype, workers=workers,
+    stats = _write_stream(iter_source(resolved), tokenizer, bin_path, dtype, workers=workers,
                           progress=progress, desc=f"tokenising {resolved.split}")
     index = {
         "format": CACHE_FORMAT,

@@ -297,7 +297,8 @@ def evaluate_source(
     explicit "validation" on such a source scores its hash-split side (`val_fraction` of the stories).
     Returns the scores with "data" and "split" (the split actually scored) added.
     """
-    from tfgpt.data import DataError, has_validation_split, load_stories, story_tokens
+    from tfgpt.data import story_tokens
+    from tfgpt.stories import DataError, has_validation_split, load_stories
 
     if split is None:
         split = "validation" if has_validation_split(source) else "all"

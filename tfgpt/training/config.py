@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tfgpt.common import BUNDLED_DATA, HF_SOURCE, repo_relative
 from tfgpt.config import PRESETS, ConfigError, GPTConfig
+from tfgpt.stories import looks_like_path
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
@@ -294,12 +294,6 @@ def settings_from_flags(
     cfg = TrainConfig.from_dict(values)
     check_paths(cfg)
     return cfg, resume_flag
-
-
-def looks_like_path(source: str) -> bool:
-    """Strings that cannot be a Hugging Face dataset id (`name` or `owner/name`)."""
-    return (source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
-            or bool(re.search(r"\.(txt|xz|gz|jsonl|json|parquet|arrow)$", source.lower())))
 
 
 def check_paths(cfg: TrainConfig) -> None:

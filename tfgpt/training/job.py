@@ -35,9 +35,10 @@ from tfgpt.runs import (
     read_backup_meta,
     write_run_file,
 )
+from tfgpt.stories import looks_like_path
 from tfgpt.tokenizer import Tokenizer
 from tfgpt.training.callbacks import BestModelCheckpoint, RunMonitor, StateBackup, StepTensorBoard
-from tfgpt.training.config import TrainConfig, TrainConfigError, TrainingError, looks_like_path
+from tfgpt.training.config import TrainConfig, TrainConfigError, TrainingError
 from tfgpt.training.optim import WarmupCosine
 from tfgpt.training.strategy import (
     compile_model,
