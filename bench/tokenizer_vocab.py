@@ -1,17 +1,19 @@
 """Which vocabulary size? Bytes per token and held-out bits per byte for a few SentencePiece sizes (issue 3).
 
-For each size V: train the tokenizer on the train split of --data (tfgpt.tokenizer.train_tokenizer), measure
-bytes/token on the held-out validation stories, then train the same small GPT (only V differs) for the
-same number of steps on the same number of tokens per step (`model.compile(AdamW)` + `fit` on
-`tfgpt.data.make_dataset`), and evaluate it on every validation window.
+For each size V: train the tokenizer on the train split of --data minus its dev split
+(tfgpt.tokenizer.train_tokenizer), measure bytes/token on the dev stories, then train the same small GPT (only
+V differs) for the same number of steps on the same number of tokens per step (`model.compile(AdamW)` + `fit`
+on `tfgpt.data.make_dataset`), and evaluate it on every dev window. The choice is made on the dev split
+(--dev-fraction of the train stories, tfgpt.stories), never on the validation stories, which stay the test
+set. --dev-fraction 0 measures on the validation split instead (how the first vocabulary was chosen).
 
 Loss per token is not comparable across vocabularies (a bigger V packs more bytes into each token), so
 the comparison is bits per byte of held-out text:
 
     bits/byte = mean loss (nats/token) * target tokens / (UTF-8 bytes * ln 2)
 
-with the target tokens counted over the validation stream (eos tokens included: every vocabulary
-predicts the same number of them) and the bytes those of the validation stories.
+with the target tokens counted over the held-out stream (eos tokens included: every vocabulary
+predicts the same number of them) and the bytes those of the held-out stories.
 
     .venv/bin/python bench/tokenizer_vocab.py                        # 2048, 4096, 8192; 300 steps each
     .venv/bin/python bench/tokenizer_vocab.py --sizes 1024,4096 --steps 100
@@ -51,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dev-fraction", type=float, default=0.05, help="held-out = this dev split of the train stories")
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True, help="XLA-compile the step")
     p.add_argument("--work-dir", default=str(REPO / ".cache" / "bench" / "tokenizer_vocab"))
     return p.parse_args()
@@ -58,12 +61,14 @@ def parse_args() -> argparse.Namespace:
 
 def run_size(args: argparse.Namespace, vocab: int, work: Path) -> dict[str, float]:
     start = time.time()
-    tok = train_tokenizer(load_stories(args.data, "train"), vocab, work / f"tok-{vocab}", source=args.data)
+    dev = {"dev_fraction": args.dev_fraction}
+    held_out = "dev" if args.dev_fraction else "validation"
+    tok = train_tokenizer(load_stories(args.data, "train", **dev), vocab, work / f"tok-{vocab}", source=args.data)
     train_seconds = time.time() - start
     cache = work / "tokens"
-    train = token_stream(args.data, tok, "train", cache_dir=cache, progress=False)
-    val = token_stream(args.data, tok, "validation", cache_dir=cache, progress=False)
-    val_info = token_stream_info(args.data, tok, "validation", cache_dir=cache, progress=False)
+    train = token_stream(args.data, tok, "train", cache_dir=cache, progress=False, **dev)
+    val = token_stream(args.data, tok, held_out, cache_dir=cache, progress=False, **dev)
+    val_info = token_stream_info(args.data, tok, held_out, cache_dir=cache, progress=False, **dev)
     text_tokens = val_info["tokens"] - val_info["stories"] - 1  # without the eos separators
 
     keras.utils.set_random_seed(args.seed)
@@ -115,9 +120,10 @@ def main() -> None:
     print(f"\nmodel: tiny preset with context {args.context}, d_model {args.d_model}, {args.layers} layers, "
           f"{args.heads} heads; {args.steps} steps x batch {args.batch} x {args.context} tokens "
           f"({args.steps * args.batch * args.context:,} tokens) per size; AdamW lr {args.lr} warmup+cosine; "
-          f"seed {args.seed}; data {args.data}\n")
-    print("| vocab | val bytes/token | train tokens | val tokens | epochs | params | train loss (epoch mean) | "
-          "val loss (nats/token) | val bits/byte | tokenizer s | fit s |")
+          f"seed {args.seed}; data {args.data}; held out: "
+          f"{f'dev split ({args.dev_fraction:g} of the train stories)' if args.dev_fraction else 'validation split'}\n")
+    print("| vocab | held-out bytes/token | train tokens | held-out tokens | epochs | params | train loss (epoch mean) | "
+          "held-out loss (nats/token) | held-out bits/byte | tokenizer s | fit s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['vocab']} | {r['bytes_per_token']:.3f} | {r['train_tokens']:,} | {r['val_tokens']:,} | "

@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--max-stories", type=int, default=500_000,
                          help="train on at most this many stories (uniform sample)")
     p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--dev-fraction", type=float, default=0.0,
+                         help="leave out the dev split of the train stories (as train_keras.py --dev-fraction does)")
     for p in (p_tok, p_train):
         p.add_argument("--data", default=DEFAULT_SOURCE,
                        help=f"HF dataset id, directory, or text file (offline: {BUNDLED_DATA})")
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train-tokenizer":
-            stories = load_stories(args.data, "train", val_fraction=args.val_fraction)
+            stories = load_stories(args.data, "train", val_fraction=args.val_fraction, dev_fraction=args.dev_fraction)
             tok = train_tokenizer(stories, args.vocab_size, args.out, max_stories=args.max_stories,
                                   seed=args.seed, source=args.data)
             print(f"wrote {Path(args.out) / MODEL_FILE} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
