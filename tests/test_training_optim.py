@@ -194,3 +194,22 @@ def test_next_token_loss_is_mean_cross_entropy_and_masks_ignore_id():
     assert float(next_token_loss()(targets, logits)) == pytest.approx(nll.mean(), rel=1e-5)
     mask = targets != 0
     assert float(next_token_loss(ignore_id=0)(targets, logits)) == pytest.approx(nll[mask].mean(), rel=1e-5)
+
+
+def test_next_token_loss_is_keras_cross_entropy_forward_and_backward():
+    from tfgpt.training.optim import NextTokenLoss, next_token_loss
+
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(0, 3, (3, 7, 11)).astype("float32"))
+    labels = tf.constant(rng.integers(0, 11, (3, 7)).astype("int32"))
+    ours, reference = next_token_loss(), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert isinstance(ours, NextTokenLoss)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        a, b = ours(labels, logits), reference(labels, logits)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    np.testing.assert_allclose(tape.gradient(a, logits).numpy(), tape.gradient(b, logits).numpy(), atol=1e-7)
+    restored = keras.losses.deserialize(keras.losses.serialize(ours))
+    assert isinstance(restored, NextTokenLoss) and float(restored(labels, logits)) == float(a)
+    masked = next_token_loss(ignore_id=0)  # padding masked: Keras' own loss
+    assert isinstance(masked, keras.losses.SparseCategoricalCrossentropy)

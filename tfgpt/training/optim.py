@@ -11,6 +11,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfgpt import kernels
+
 
 # =========================================================================== schedule
 @keras.saving.register_keras_serializable(package="tfgpt")
@@ -160,12 +162,27 @@ def build_optimizer(
     return optimizer
 
 
+@keras.saving.register_keras_serializable(package="tfgpt")
+class NextTokenLoss(keras.losses.Loss):
+    """Mean next-token cross-entropy −log softmax(z)[y] over all (B, T) positions, computed by the fused
+    kernel `tfgpt.kernels.cross_entropy` (float32; its backward is softmax(z) − onehot(y), with log Σexp
+    kept from the forward pass). Keras reduces the per-position losses (mean over B·T)."""
+
+    def __init__(self, name: str = "loss", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return kernels.cross_entropy(y_true, y_pred, reduction="none")
+
+
 def next_token_loss(ignore_id: int | None = None) -> keras.losses.Loss:
     """Mean next-token cross-entropy −log softmax(logits)[target] over all (B, T) positions.
 
     The model returns float32 logits under every precision policy, so the softmax and the loss are
-    float32. `ignore_id` masks a padding id out of the mean; tfgpt's training windows are contiguous
-    token spans without padding, so `train` passes None (masking would cost an extra pass over the
-    (B, T, V) logits).
+    float32. `ignore_id` masks a padding id out of the mean (Keras' own loss then); tfgpt's training
+    windows are contiguous token spans without padding, so `train` passes None and gets the fused
+    kernel (`NextTokenLoss`).
     """
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=ignore_id, name="loss")
+    if ignore_id is not None:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=ignore_id, name="loss")
+    return NextTokenLoss()
