@@ -6,6 +6,10 @@ projection tied to the token embedding, GPT-2 initialisation. Trained with AdamW
 kernel where the CPU build has one, else foreach), global-norm clipping at 1.0, in float32 or under
 `torch.autocast("cpu", dtype=torch.bfloat16)`, optionally through `torch.compile`.
 
+`generate_greedy` is the matching KV-cache decoder (bench/decode_speed.py): per-layer key/value caches
+(B, H, T, d_k) written in place, prefill then one token per step, greedy, and past the context the same
+sliding window as tfgpt.generation (refill the last T − T/4 tokens at slots 0…, then go on).
+
 Used by `bench/train_throughput.py` (one configuration per subprocess); also runnable on its own:
 
     .venv/bin/python bench/torch_gpt.py --precision bfloat16 --steps 10 --warmup 3
@@ -46,12 +50,20 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model, bias=c.use_bias)
         self.out_proj = nn.Linear(c.d_model, c.d_model, bias=c.use_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: tuple | None = None, pos: int = 0) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         # (B, T, D) -> (B, H, T, d_k)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:  # keys/values of positions pos … pos+T−1 go to slots pos …, in place
+            if pos and T > 1:
+                raise ValueError("a multi-token step must start at slot 0 (prefill or refill)")
+            k_cache, v_cache = cache
+            k_cache[:, :, pos : pos + T] = k
+            v_cache[:, :, pos : pos + T] = v
+            k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
+        # a (re)fill at slot 0 is causal; one new token sees every cached key
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         return self.out_proj(y.transpose(1, 2).contiguous().view(B, T, D))
 
 
@@ -66,8 +78,8 @@ class Block(nn.Module):
         self.fc_in = nn.Linear(c.d_model, c.d_ff, bias=c.use_bias)
         self.fc_out = nn.Linear(c.d_ff, c.d_model, bias=c.use_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: tuple | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos)
         return x + self.fc_out(F.gelu(self.fc_in(self.ln_2(x)), approximate="tanh"))
 
 
@@ -101,13 +113,44 @@ class TorchGPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) int64 ids -> (B, T, V) logits (tied head: h Eᵀ)."""
+    def forward(self, ids: torch.Tensor, caches: list | None = None, pos: int = 0) -> torch.Tensor:
+        """(B, T) int64 ids at positions pos … pos+T−1 -> (B, T, V) logits (tied head: h Eᵀ); with
+        `caches` (one (K, V) pair per block, `init_caches`) their keys/values are written at slots pos …."""
         T = ids.shape[1]
-        x = self.wte(ids) + self.wpe(torch.arange(T, device=ids.device))
-        for block in self.blocks:
-            x = block(x)
+        x = self.wte(ids) + self.wpe(torch.arange(pos, pos + T, device=ids.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], pos)
         return F.linear(self.ln_f(x), self.wte.weight)
+
+    def init_caches(self, batch_size: int, length: int | None = None) -> list:
+        """One zeroed (K, V) pair per block, each (B, H, S, d_k); S defaults to the context."""
+        c = self.config
+        shape = (batch_size, c.n_heads, length or c.context, c.d_model // c.n_heads)
+        return [(torch.zeros(shape), torch.zeros(shape)) for _ in self.blocks]
+
+
+@torch.inference_mode()
+def generate_greedy(model: TorchGPT, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation of `prompt` (B, P) int64 by `new_tokens` tokens with KV caches -> (B, new_tokens).
+
+    Prefill the prompt, then one token per step. When the cache (T slots) is full, the window slides as
+    in tfgpt.generation: the last keep = T − T/4 tokens are prefilled again at slots 0 … keep−1.
+    """
+    T = model.config.context
+    keep = T - max(1, T // 4)
+    seq = prompt
+    caches = model.init_caches(prompt.shape[0])
+    logits = model(prompt, caches, 0)[:, -1]
+    w = 0  # window start: slot = position − w
+    for _ in range(new_tokens):
+        token = logits.argmax(-1, keepdim=True)  # (B, 1)
+        seq = torch.cat([seq, token], dim=1)
+        p = seq.shape[1] - 1  # the new token's position
+        if p - w >= T:
+            w = p - keep
+            model(seq[:, w:p], caches, 0)  # refill: positions w … p−1 at slots 0 … keep−1
+        logits = model(token, caches, p - w)[:, -1]
+    return seq[:, prompt.shape[1] :]
 
 
 def make_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1) -> torch.optim.Optimizer:

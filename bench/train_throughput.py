@@ -22,7 +22,8 @@ as a Python float, which waits for the step); torch steps are timed around an ex
 `loss.item()` is the synchronisation point. The table also gives the median process CPU time per step
 (steadier than wall time when other programs share the cores) and each config's first and last batch
 loss (Keras logs a running mean; the per-batch values are recovered from it), a check that all configs
-train the same batches the same way.
+train the same batches the same way, and the worker's peak RSS (resident memory high-water mark of the
+whole subprocess: framework, model, optimizer state, activations, compilation).
 
 FLOPs per trained token (forward + backward), the PaLM / nanoGPT estimate:
 
@@ -44,6 +45,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -313,6 +315,7 @@ def worker_main(name: str, args: argparse.Namespace) -> int:
         result = run_torch_worker(name, args)
     else:
         result = run_keras_worker(name, args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"config": name, **result}), flush=True)
     return 0
 
@@ -375,7 +378,7 @@ def format_table(results: list[dict], peaks: dict, flops_tok: float) -> tuple[st
     }
     head = (
         f"{'config':<20} {'prec':<5} {'tokens/s':>9} {'/torch':>7} {'GFLOP/s':>8} {'%peak':>6} "
-        f"{'step ms':>8} {'cpu ms':>8} {'loss first->last':>17}  path"
+        f"{'step ms':>8} {'cpu ms':>8} {'peak MB':>8} {'loss first->last':>17}  path"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -390,9 +393,11 @@ def format_table(results: list[dict], peaks: dict, flops_tok: float) -> tuple[st
         ratio = f"{tps / best['torch']:.2f}" if best["torch"] else "-"
         share = f"{100 * gflops / peak:.1f}" if peak else "-"
         loss = f"{r['loss_first']:.3f}->{r['loss_last']:.3f}"
+        peak_mb = f"{r['peak_rss_mb']:,.0f}" if "peak_rss_mb" in r else "-"
         lines.append(
             f"{name:<20} {prec:<5} {tps:>9,.0f} {ratio:>7} {gflops:>8.1f} {share:>6} "
-            f"{1000 * r['step_s_median']:>8.0f} {1000 * r['cpu_s_median']:>8.0f} {loss:>17}  {r.get('path', '')}"
+            f"{1000 * r['step_s_median']:>8.0f} {1000 * r['cpu_s_median']:>8.0f} {peak_mb:>8} {loss:>17}  "
+            f"{r.get('path', '')}"
         )
     r_torch = best["tfgpt"] / best["torch"] if best["tfgpt"] and best["torch"] else None
     r_hub = best["tfgpt"] / best["kerashub"] if best["tfgpt"] and best["kerashub"] else None

@@ -1,4 +1,6 @@
-"""The from-scratch layers: shapes, dtypes, numerics against NumPy references, serialisation."""
+"""The from-scratch layers: shapes, dtypes, numerics against NumPy references, serialisation.
+
+Attention, feed-forward and decoder block are built from a GPTConfig (`cfg()` below)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from tfgpt.config import GPTConfig
 from tfgpt.layers import (
     CausalSelfAttention,
     DecoderBlock,
@@ -21,6 +24,11 @@ from tfgpt.layers import (
 
 B, T, D, H, F, V, CTX = 2, 7, 32, 4, 48, 50, 16
 RNG = np.random.default_rng(0)
+
+
+def cfg(**overrides) -> GPTConfig:
+    """The test sizes as the GPTConfig the attention / feed-forward / block layers are built from."""
+    return GPTConfig(**{"vocab_size": V, "context": CTX, "d_model": D, "n_heads": H, "d_ff": F, **overrides})
 
 
 # ----------------------------------------------------------------- NumPy references
@@ -176,19 +184,20 @@ def test_causal_mask() -> None:
     np.testing.assert_array_equal(ops.convert_to_numpy(causal_mask(2, 6, 2)), expected)
 
 
-def test_attention_matches_numpy_reference() -> None:
-    attn = CausalSelfAttention(D, H)
-    x = x_input(B, T, D)
+@pytest.mark.parametrize("length", [T, 8])  # 8: two query blocks
+def test_attention_matches_numpy_reference(length: int) -> None:
+    attn = CausalSelfAttention(cfg())
+    x = x_input(B, length, D)
     attn.build(x.shape)
     randomize(attn)
     y = attn(x)
-    assert tuple(y.shape) == (B, T, D) and y.dtype == "float32"
+    assert tuple(y.shape) == (B, length, D) and y.dtype == "float32"
     assert [w.shape for w in attn.weights] == [(D, 3 * D), (3 * D,), (D, D), (D,)]
     np.testing.assert_allclose(ops.convert_to_numpy(y), np_attention(attn, x), atol=1e-4, rtol=1e-4)
 
 
 def test_attention_is_causal() -> None:
-    attn = CausalSelfAttention(D, H)
+    attn = CausalSelfAttention(cfg())
     x = x_input(1, T, D)
     attn.build(x.shape)
     randomize(attn)
@@ -202,27 +211,31 @@ def test_attention_is_causal() -> None:
 
 
 def test_attention_without_bias() -> None:
-    attn = CausalSelfAttention(D, H, use_bias=False)
+    attn = CausalSelfAttention(cfg(use_bias=False))
     attn.build((None, None, D))
     assert [w.shape for w in attn.weights] == [(D, 3 * D), (D, D)]
 
 
 def test_attention_rejects_indivisible_heads() -> None:
     with pytest.raises(ValueError, match=r"d_model \(30\) must be divisible by n_heads \(4\)"):
-        CausalSelfAttention(30, 4)
+        CausalSelfAttention({"d_model": 30, "n_heads": 4})
 
 
 def test_attention_with_cache_returns_updated_cache() -> None:
-    attn = CausalSelfAttention(D, H)
+    attn = CausalSelfAttention(cfg())
     x = x_input(B, 3, D)
     attn.build(x.shape)
-    cache = ops.zeros((B, 2, 10, H, D // H))
+    cache = attn.init_cache(B, 10)  # (Kᵀ (B·H, d_k, S), V (B·H, S, d_k))
     y, new_cache = attn(x, cache=cache, cache_index=4)
-    assert tuple(y.shape) == (B, 3, D) and tuple(new_cache.shape) == (B, 2, 10, H, D // H)
-    new_cache = ops.convert_to_numpy(new_cache)
-    k = (x @ attn.qkv.kernel.numpy() + attn.qkv.bias.numpy())[..., D : 2 * D].reshape(B, 3, H, D // H)
-    np.testing.assert_allclose(new_cache[:, 0, 4:7], k, atol=1e-5)  # keys written at slots 4..6
-    assert not new_cache[:, :, :4].any() and not new_cache[:, :, 7:].any()
+    assert tuple(y.shape) == (B, 3, D) and [tuple(c.shape) for c in new_cache] == [(B * H, D // H, 10),
+                                                                                   (B * H, 10, D // H)]
+    keys = ops.convert_to_numpy(new_cache[0]).reshape(B, H, D // H, 10).transpose(0, 1, 3, 2)  # (B, H, S, d_k)
+    values = ops.convert_to_numpy(new_cache[1]).reshape(B, H, 10, D // H)
+    qkv = x @ attn.qkv.kernel.numpy() + attn.qkv.bias.numpy()
+    for got, part in ((keys, qkv[..., D : 2 * D]), (values, qkv[..., 2 * D :])):
+        expected = part.reshape(B, 3, H, D // H).transpose(0, 2, 1, 3)  # (B, H, 3, d_k)
+        np.testing.assert_allclose(got[:, :, 4:7], expected, atol=1e-5)  # written at slots 4..6
+        assert not got[:, :, :4].any() and not got[:, :, 7:].any()
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -231,26 +244,27 @@ def test_masking_is_exact_with_large_half_precision_scores(policy: str) -> None:
 
     (An additive mask (1 − m)·(−1e9) built in float16 is 0·(−inf) = NaN on the allowed keys.)"""
     keras.mixed_precision.set_global_policy(policy)
-    attn = CausalSelfAttention(D, H)
+    attn = CausalSelfAttention(cfg())
     attn.build((None, None, D))
     dk, t = D // H, 5
-    q = np.full((1, t, H, dk), 60.0, "float32")
-    k = np.full((1, t, H, dk), -60.0, "float32")  # q·k = −28800
+    q = np.full((H, t, dk), 60.0, "float32")  # attend's layout: (B·H, T, d_k), K as Kᵀ
+    k = np.full((H, t, dk), -60.0, "float32")  # q·k = −28800
     k[:, 0] = 60.0  # q·k = +28800: the only key queries 0..2 may prefer
     k[:, 3] = 65.0  # q·k = +31200, the largest score, but only queries 3, 4 may see key 3
-    v = np.zeros((1, t, H, dk), "float32")
+    v = np.zeros((H, t, dk), "float32")
     v[:, 3] = 1.0
     cast = attn.compute_dtype
-    y = attn.attend(ops.cast(q, cast), ops.cast(k, cast), ops.cast(v, cast), causal_mask(t, t))
+    kt = k.transpose(0, 2, 1)
+    y = attn.attend(ops.cast(q, cast), ops.cast(kt, cast), ops.cast(v, cast), causal_mask(t, t))
     y = ops.convert_to_numpy(ops.cast(y, "float32"))
     assert np.isfinite(y).all()
-    np.testing.assert_array_equal(y[0, :3], 0.0)  # queries 0..2 never see key 3
-    np.testing.assert_allclose(y[0, 3:], 1.0)
+    np.testing.assert_array_equal(y[:, :3], 0.0)  # queries 0..2 never see key 3
+    np.testing.assert_allclose(y[:, 3:], 1.0)
 
 
 # -------------------------------------------------------------------- feed-forward
 def test_feed_forward_matches_numpy() -> None:
-    ffn = FeedForward(D, F)
+    ffn = FeedForward(cfg())
     x = x_input(B, T, D)
     ffn.build(x.shape)
     randomize(ffn)
@@ -261,7 +275,7 @@ def test_feed_forward_matches_numpy() -> None:
 
 
 def test_feed_forward_dropout_only_in_training() -> None:
-    ffn = FeedForward(D, F, dropout=0.5)
+    ffn = FeedForward(cfg(dropout=0.5))
     x = x_input(B, T, D)
     ffn.build(x.shape)
     np.testing.assert_allclose(ops.convert_to_numpy(ffn(x)), np_ffn(ffn, x), atol=1e-5)
@@ -272,7 +286,7 @@ def test_feed_forward_dropout_only_in_training() -> None:
 # -------------------------------------------------------------------- decoder block
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_decoder_block_matches_reference(norm_position: str) -> None:
-    block = DecoderBlock(D, H, F, norm_position=norm_position, layer_norm_epsilon=1e-5)
+    block = DecoderBlock(cfg(norm_position=norm_position, layer_norm_epsilon=1e-5))
     x = x_input(B, T, D)
     block.build(x.shape)
     randomize(block, scale=0.2)
@@ -292,15 +306,15 @@ def test_decoder_block_matches_reference(norm_position: str) -> None:
 
 
 def test_decoder_block_rejects_bad_norm_position() -> None:
-    with pytest.raises(ValueError, match="norm_position must be 'pre' or 'post', got 'sandwich'"):
-        DecoderBlock(D, H, F, norm_position="sandwich")
+    with pytest.raises(ValueError, match=r"norm_position must be one of \('pre', 'post'\), got 'sandwich'"):
+        DecoderBlock({"norm_position": "sandwich"})
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_decoder_block_mixed_precision(policy: str, norm_position: str) -> None:
     keras.mixed_precision.set_global_policy(policy)
-    block = DecoderBlock(D, H, F, norm_position=norm_position)
+    block = DecoderBlock(cfg(norm_position=norm_position))
     y = block(ops.cast(x_input(B, T, D), block.compute_dtype))
     assert y.dtype == block.compute_dtype
     assert np.isfinite(ops.convert_to_numpy(ops.cast(y, "float32"))).all()
@@ -317,14 +331,11 @@ LAYER_CASES = [
         {"vocab_size": V, "context": CTX, "d_model": D, "position_encoding": "sinusoidal", "init_std": 0.1},
         None,
     ),
-    (
-        CausalSelfAttention,
-        {"d_model": D, "n_heads": H, "attention_dropout": 0.1, "use_bias": False, "fast_attention": True},
-        (B, T, D),
-    ),
-    (FeedForward, {"d_model": D, "d_ff": F, "dropout": 0.2, "output_init_std": 0.01}, (B, T, D)),
-    (DecoderBlock, {"d_model": D, "n_heads": H, "d_ff": F, "norm_position": "post"}, (B, T, D)),
-    (DecoderBlock, {"d_model": D, "n_heads": H, "d_ff": F, "layer_norm_epsilon": 1e-6}, (B, T, D)),
+    (CausalSelfAttention, {"config": cfg(attention_dropout=0.1, use_bias=False, fast_attention=True).to_dict()},
+     (B, T, D)),
+    (FeedForward, {"config": cfg(dropout=0.2, n_layers=3).to_dict()}, (B, T, D)),
+    (DecoderBlock, {"config": cfg(norm_position="post").to_dict()}, (B, T, D)),
+    (DecoderBlock, {"config": cfg(layer_norm_epsilon=1e-6).to_dict()}, (B, T, D)),
 ]
 
 
@@ -351,7 +362,7 @@ def test_layer_config_round_trip(cls: type, kwargs: dict, shape: tuple | None) -
 @pytest.mark.parametrize("fast_attention", [False, True])
 def test_attention_dropout_applies_in_training(fast_attention: bool) -> None:
     """attention_dropout acts on the probabilities in training (also when the fused kernel is on)."""
-    attn = CausalSelfAttention(D, H, attention_dropout=0.5, fast_attention=fast_attention)
+    attn = CausalSelfAttention(cfg(attention_dropout=0.5, fast_attention=fast_attention))
     x = x_input(B, T, D)
     attn.build(x.shape)
     randomize(attn)

@@ -1,4 +1,4 @@
-"""The package's shape (../shared/ARCHITECTURE.md): no import circles, no module over ~600 lines, the
+"""The package's shape (the architecture map): no import circles, no module over ~600 lines, the
 modules that promise it import without TensorFlow, and nothing refers to files outside the repository."""
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
 """The transformer, written out: every component of a GPT as its own Keras layer.
 
 Symbols (the report uses the same): B batch, T sequence length, S cache length, D = d_model,
-H = n_heads, d_k = D/H, F = d_ff, V = vocab_size. Shapes are given as (B, T, D) etc.
+H = n_heads, d_k = D/H, F = d_ff, V = vocab_size, L = n_layers. Shapes are given as (B, T, D) etc.
+
+The attention, feed-forward and decoder-block layers are built from the one `GPTConfig` (nanoGPT's
+`Block(config)`): the hyperparameters are listed once, in tfgpt/config.py, and `get_config` is
+`{"config": config.to_dict()}`. Their element-wise and row-wise math (LayerNorm, GELU, masked softmax)
+runs in the fused kernels of `tfgpt.kernels` (hand-written gradients; plain `keras.ops` off TensorFlow).
 
 Mixed precision: matmuls run in the layer's compute dtype (e.g. bfloat16); the softmax, the
 LayerNorm statistics and (in the model) the logits are computed in float32.
@@ -16,11 +21,40 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfgpt import kernels
+from tfgpt.config import GPTConfig
+
 _PACKAGE = "tfgpt"
+#: GPT-2 initialisation: weights ~ N(0, 0.02²); the residual output projections use `residual_init_std`.
+INIT_STD = 0.02
+#: Query row blocks of the causal attention (2 skips the fully masked quarter of QKᵀ; 4 measured no
+#: better, bench/RESULTS.md).
+QUERY_BLOCKS = 2
 
 
 def _normal(std: float) -> keras.initializers.Initializer:
     return keras.initializers.RandomNormal(mean=0.0, stddev=std)
+
+
+def as_config(config: GPTConfig | dict[str, Any]) -> GPTConfig:
+    """A GPTConfig from a GPTConfig or its `to_dict()` form (as `from_config` passes it)."""
+    return config if isinstance(config, GPTConfig) else GPTConfig.from_dict(dict(config))
+
+
+def residual_init_std(config: GPTConfig) -> float:
+    """GPT-2's std of the residual output projections (W_O, W₂): 0.02/√(2L)."""
+    return INIT_STD / math.sqrt(2 * config.n_layers)
+
+
+class _ConfigLayer(keras.layers.Layer):
+    """A layer whose hyperparameters are one GPTConfig; `get_config` round-trips it."""
+
+    def __init__(self, config: GPTConfig | dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = as_config(config)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "config": self.config.to_dict()}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -30,7 +64,8 @@ class LayerNorm(keras.layers.Layer):
         LN(x) = γ ⊙ (x − μ) / √(σ² + ε) + β,   μ = mean(x), σ² = mean((x − μ)²) over D.
 
     γ and β are float32 variables (never autocast); μ, σ² and the normalisation are computed in
-    float32 and the result is cast back to the compute dtype.
+    float32 and the result is cast back to the compute dtype (`kernels.layer_norm`, whose backward
+    reuses μ and 1/σ).
 
     Input (..., D) -> output (..., D).
     """
@@ -45,11 +80,7 @@ class LayerNorm(keras.layers.Layer):
         self.beta = self.add_weight(name="beta", shape=(dim,), initializer="zeros", autocast=False)
 
     def call(self, x):
-        x32 = ops.cast(x, "float32")
-        mu = ops.mean(x32, axis=-1, keepdims=True)
-        var = ops.mean(ops.square(x32 - mu), axis=-1, keepdims=True)
-        y = (x32 - mu) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
-        return ops.cast(y, self.compute_dtype)
+        return kernels.layer_norm(ops.cast(x, self.compute_dtype), self.gamma, self.beta, self.epsilon)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -160,185 +191,156 @@ def causal_mask(query_len, key_len, start_index=0):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class CausalSelfAttention(keras.layers.Layer):
+class CausalSelfAttention(_ConfigLayer):
     """Masked multi-head scaled dot-product self-attention.
 
         [Q | K | V] = x W_QKV + b_QKV            (one fused projection, W_QKV ∈ ℝ^{D×3D})
         head_h = Attention(Q_h, K_h, V_h) = softmax(Q_h K_hᵀ / √d_k + M) V_h,   h = 1 … H
         y = Concat(head_1, …, head_H) W_O + b_O
 
-    M is the causal mask: M_ij = 0 where key j ≤ query i, −∞ otherwise (applied in float32 with
-    `where`, so no large constant ever meets half precision). The scores and the softmax are computed
-    in float32; dropout (rate `attention_dropout`) is applied to the attention probabilities.
+    The heads are folded into the batch: Q and V are laid out (B·H, T, d_k) and K as Kᵀ (B·H, d_k, T),
+    so QKᵀ and PV are plain 3-D batched matmuls (a transposed operand, or a 4-D one that XLA reshapes,
+    makes XLA copy the key/value cache at every decoding step). M is the causal mask:
+    M_ij = 0 where key j ≤ query i, masked otherwise; the scale 1/√d_k, the mask and the float32
+    softmax are one fused kernel (`kernels.masked_softmax`: masked scores become the most negative
+    float32, so nothing overflows in half precision and masked keys get probability exactly 0).
+    Dropout (rate `config.attention_dropout`) is applied to the attention probabilities. With a static
+    T divisible by `QUERY_BLOCKS`, the queries are cut into row blocks and block i attends only to the
+    keys it can see, skipping the fully masked upper-right blocks of the (T, T) score matrix.
 
-    `fast_attention=True` uses `keras.ops.dot_product_attention` (the backend's fused kernel) instead,
-    except while training with attention dropout, which that kernel does not support.
+    `config.fast_attention` uses `keras.ops.dot_product_attention` (the backend's fused kernel)
+    instead, except while training with attention dropout (which that kernel does not support) and
+    when decoding with a cache.
 
-    Incremental decoding: with `cache` (B, 2, S, H, d_k) holding keys and values of earlier
-    positions, the new keys/values of the T input tokens are written at `cache_index` (with
-    `slice_update`) and the queries attend over all S cached slots under the same causal rule
-    j ≤ cache_index + i; returns (y, updated cache).
+    Incremental decoding: `cache` is this layer's (Kᵀ, V) pair, Kᵀ (B·H, d_k, S) and V (B·H, S, d_k),
+    holding the keys and values of earlier positions (`init_cache`); the T new keys/values are written
+    at slots `cache_index` … `cache_index`+T−1 with `slice_update` and the queries attend over all S
+    slots under the same causal rule j ≤ cache_index + i; returns (y, updated (Kᵀ, V)).
 
     Input (B, T, D) -> output (B, T, D).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        attention_dropout: float = 0.0,
-        use_bias: bool = True,
-        init_std: float = 0.02,
-        output_init_std: float = 0.02,
-        fast_attention: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.d_model = int(d_model)
-        self.n_heads = int(n_heads)
-        self.head_dim = self.d_model // self.n_heads
-        self.attention_dropout = float(attention_dropout)
-        self.use_bias = bool(use_bias)
-        self.init_std = float(init_std)
-        self.output_init_std = float(output_init_std)
-        self.fast_attention = bool(fast_attention)
+    def __init__(self, config: GPTConfig | dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        self.d_model, self.n_heads, self.head_dim = c.d_model, c.n_heads, c.head_dim
         self.qkv = keras.layers.Dense(
-            3 * self.d_model,
-            use_bias=self.use_bias,
-            kernel_initializer=_normal(self.init_std),
-            name="qkv",
+            3 * c.d_model, use_bias=c.use_bias, kernel_initializer=_normal(INIT_STD), name="qkv",
             dtype=self.dtype_policy,
         )
         self.out_proj = keras.layers.Dense(
-            self.d_model,
-            use_bias=self.use_bias,
-            kernel_initializer=_normal(self.output_init_std),
-            name="out_proj",
+            c.d_model, use_bias=c.use_bias, kernel_initializer=_normal(residual_init_std(c)), name="out_proj",
             dtype=self.dtype_policy,
         )
-        self.probs_dropout = keras.layers.Dropout(self.attention_dropout, dtype=self.dtype_policy)
+        self.probs_dropout = keras.layers.Dropout(c.attention_dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape: tuple) -> None:
         self.qkv.build(input_shape)
         self.out_proj.build(tuple(input_shape[:-1]) + (self.d_model,))
 
-    def attend(self, q, k, v, mask, training=None):
-        """softmax(Q Kᵀ/√d_k + M) V for q (B, T, H, d_k), k and v (B, S, H, d_k), mask (T, S) -> (B, T, H, d_k)."""
-        scores = ops.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, T, S)
-        scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_dim))
-        scores = ops.where(mask, scores, -1e9)  # float32, so -1e9 cannot overflow
-        probs = ops.softmax(scores, axis=-1)
+    def init_cache(self, batch_size, length, dtype: str | None = None) -> tuple:
+        """A zeroed (Kᵀ, V) cache of S = `length` slots: Kᵀ (B·H, d_k, S), V (B·H, S, d_k), in the
+        compute dtype by default."""
+        dtype = dtype or self.compute_dtype
+        rows = batch_size * self.n_heads
+        return ops.zeros((rows, self.head_dim, length), dtype), ops.zeros((rows, length, self.head_dim), dtype)
+
+    def attend(self, q, kt, v, mask, training=None):
+        """softmax(Q Kᵀ/√d_k + M) V for q (B·H, T, d_k), kt = Kᵀ (B·H, d_k, S), v (B·H, S, d_k),
+        mask (T, S) bool (True = may attend) -> (B·H, T, d_k)."""
+        scores = ops.matmul(q, kt)  # (B·H, T, S), compute dtype
+        probs = kernels.masked_softmax(scores, mask, 1.0 / math.sqrt(self.head_dim))
         probs = self.probs_dropout(probs, training=training)
-        return ops.einsum("bhqk,bkhd->bqhd", ops.cast(probs, v.dtype), v)
+        return ops.matmul(probs, v)  # (B·H, T, d_k)
+
+    def causal(self, q, kt, v, training=None):
+        """Causal attention of T queries over the same T keys: q, v (B·H, T, d_k), kt (B·H, d_k, T)
+        -> (B·H, T, d_k)."""
+        seq_len = q.shape[1]
+        if not isinstance(seq_len, int) or seq_len % QUERY_BLOCKS or seq_len < 2 * QUERY_BLOCKS:
+            length = ops.shape(q)[1]
+            return self.attend(q, kt, v, causal_mask(length, length), training=training)
+        rows = seq_len // QUERY_BLOCKS
+        outputs = []
+        # split (not slicing): the gradient of a split is one concat, a slice's writes a zero-filled copy
+        for i, q_i in enumerate(ops.split(q, QUERY_BLOCKS, axis=1)):
+            end = (i + 1) * rows  # block i (queries i·rows … end−1) sees keys 0 … end−1
+            kt_i = kt if end == seq_len else ops.split(kt, [end], axis=2)[0]
+            v_i = v if end == seq_len else ops.split(v, [end], axis=1)[0]
+            mask = np.arange(end)[None, :] <= np.arange(i * rows, end)[:, None]  # (rows, end)
+            outputs.append(self.attend(q_i, kt_i, v_i, mask, training=training))
+        return ops.concatenate(outputs, axis=1)
 
     def call(self, x, training=None, cache=None, cache_index=None):
         batch, seq_len = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = self.qkv(x)  # (B, T, 3D)
-        qkv = ops.reshape(qkv, (batch, seq_len, 3, self.n_heads, self.head_dim))
-        # unstack, not qkv[:, :, i]: three strided-slice gradients each write a zero-filled (B, T, 3, H, d_k)
+        qkv = ops.reshape(self.qkv(x), (batch, seq_len, 3, self.n_heads, self.head_dim))  # (B, T, 3, H, d_k)
+        # unstack, not qkv[:, :, i]: strided-slice gradients each write a zero-filled copy of the whole
         # tensor (16 % of a bf16 training step, bench/RESULTS.md); unstack's gradient is one stack.
         q, k, v = ops.unstack(qkv, 3, axis=2)  # each (B, T, H, d_k)
 
+        dropout_active = bool(training) and self.config.attention_dropout > 0
+        if self.config.fast_attention and cache is None and not dropout_active:
+            y = ops.dot_product_attention(q, k, v, is_causal=True)
+            return self.out_proj(ops.reshape(y, (batch, seq_len, self.d_model)))
+
+        rows = batch * self.n_heads
+        q = ops.reshape(ops.transpose(q, (0, 2, 1, 3)), (rows, seq_len, self.head_dim))  # (B·H, T, d_k)
+        v = ops.reshape(ops.transpose(v, (0, 2, 1, 3)), (rows, seq_len, self.head_dim))
+        kt = ops.reshape(ops.transpose(k, (0, 2, 3, 1)), (rows, self.head_dim, seq_len))  # Kᵀ (B·H, d_k, T)
         if cache is None:
-            # The fused kernel has no dropout: with attention dropout active, use the explicit path.
-            if self.fast_attention and not (training and self.attention_dropout > 0):
-                y = ops.dot_product_attention(q, k, v, is_causal=True)
-            else:
-                y = self.attend(q, k, v, causal_mask(seq_len, seq_len), training=training)
+            y = self.causal(q, kt, v, training=training)
         else:
+            keys_t, values = cache
             start = ops.cast(cache_index, "int32")
             zero = ops.zeros((), "int32")
-            new_kv = ops.cast(ops.stack([k, v], axis=1), cache.dtype)  # (B, 2, T, H, d_k)
-            cache = ops.slice_update(cache, (zero, zero, start, zero, zero), new_kv)
-            keys, values = cache[:, 0], cache[:, 1]  # (B, S, H, d_k)
-            mask = causal_mask(seq_len, ops.shape(keys)[1], start)
-            y = self.attend(q, ops.cast(keys, q.dtype), ops.cast(values, q.dtype), mask, training=training)
+            keys_t = ops.slice_update(keys_t, (zero, zero, start), ops.cast(kt, keys_t.dtype))  # (B·H, d_k, S)
+            values = ops.slice_update(values, (zero, start, zero), ops.cast(v, values.dtype))  # (B·H, S, d_k)
+            mask = causal_mask(seq_len, ops.shape(values)[1], start)
+            y = self.attend(q, ops.cast(keys_t, q.dtype), ops.cast(values, q.dtype), mask, training=training)
+            cache = (keys_t, values)
 
-        y = ops.reshape(y, (batch, seq_len, self.d_model))  # Concat(head_1..head_H)
+        y = ops.reshape(y, (batch, self.n_heads, seq_len, self.head_dim))
+        y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (batch, seq_len, self.d_model))  # Concat(head_1..H)
         y = self.out_proj(y)
         return y if cache is None else (y, cache)
 
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "d_model": self.d_model,
-            "n_heads": self.n_heads,
-            "attention_dropout": self.attention_dropout,
-            "use_bias": self.use_bias,
-            "init_std": self.init_std,
-            "output_init_std": self.output_init_std,
-            "fast_attention": self.fast_attention,
-        }
-
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class FeedForward(keras.layers.Layer):
+class FeedForward(_ConfigLayer):
     """Position-wise feed-forward network.
 
         FFN(x) = Dropout(GELU(x W₁ + b₁) W₂ + b₂),   W₁ ∈ ℝ^{D×F}, W₂ ∈ ℝ^{F×D}
 
-    GELU is GPT-2's tanh approximation: GELU(u) = ½u(1 + tanh(√(2/π)(u + 0.044715u³))).
+    GELU is GPT-2's tanh approximation, GELU(u) = ½u(1 + tanh(√(2/π)(u + 0.044715u³))), one fused
+    kernel (`kernels.gelu`). Dropout rate `config.dropout`.
 
     Input (B, T, D) -> output (B, T, D).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        dropout: float = 0.0,
-        use_bias: bool = True,
-        init_std: float = 0.02,
-        output_init_std: float = 0.02,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.d_model = int(d_model)
-        self.d_ff = int(d_ff)
-        self.dropout = float(dropout)
-        self.use_bias = bool(use_bias)
-        self.init_std = float(init_std)
-        self.output_init_std = float(output_init_std)
+    def __init__(self, config: GPTConfig | dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
         self.fc_in = keras.layers.Dense(
-            self.d_ff,
-            use_bias=self.use_bias,
-            kernel_initializer=_normal(self.init_std),
-            name="fc_in",
+            c.d_ff, use_bias=c.use_bias, kernel_initializer=_normal(INIT_STD), name="fc_in",
             dtype=self.dtype_policy,
         )
         self.fc_out = keras.layers.Dense(
-            self.d_model,
-            use_bias=self.use_bias,
-            kernel_initializer=_normal(self.output_init_std),
-            name="fc_out",
+            c.d_model, use_bias=c.use_bias, kernel_initializer=_normal(residual_init_std(c)), name="fc_out",
             dtype=self.dtype_policy,
         )
-        self.out_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.out_dropout = keras.layers.Dropout(c.dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape: tuple) -> None:
         self.fc_in.build(input_shape)
-        self.fc_out.build(tuple(input_shape[:-1]) + (self.d_ff,))
+        self.fc_out.build(tuple(input_shape[:-1]) + (self.config.d_ff,))
 
     def call(self, x, training=None):
-        h = keras.activations.gelu(self.fc_in(x), approximate=True)  # (B, T, F)
+        h = kernels.gelu(self.fc_in(x))  # (B, T, F)
         return self.out_dropout(self.fc_out(h), training=training)  # (B, T, D)
-
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "d_model": self.d_model,
-            "d_ff": self.d_ff,
-            "dropout": self.dropout,
-            "use_bias": self.use_bias,
-            "init_std": self.init_std,
-            "output_init_std": self.output_init_std,
-        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class DecoderBlock(keras.layers.Layer):
+class DecoderBlock(_ConfigLayer):
     """One decoder block: self-attention and feed-forward sub-layers with residual connections.
 
     Pre-LN (GPT-2, `norm_position="pre"`):
@@ -348,65 +350,22 @@ class DecoderBlock(keras.layers.Layer):
         x ← LN₁(x + Dropout(MHA(x)))
         x ← LN₂(x + FFN(x))
 
-    MHA is `CausalSelfAttention`, FFN is `FeedForward`. With a `cache`, returns (x, cache).
+    MHA is `CausalSelfAttention`, FFN is `FeedForward`, all three built from the same `config`.
+    With a `cache` (this block's (K, V) pair), returns (x, updated cache).
 
     Input (B, T, D) -> output (B, T, D).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        d_ff: int,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        layer_norm_epsilon: float = 1e-5,
-        norm_position: str = "pre",
-        use_bias: bool = True,
-        init_std: float = 0.02,
-        output_init_std: float = 0.02,
-        fast_attention: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if norm_position not in ("pre", "post"):
-            raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
-        self.d_model = int(d_model)
-        self.n_heads = int(n_heads)
-        self.d_ff = int(d_ff)
-        self.dropout = float(dropout)
-        self.attention_dropout = float(attention_dropout)
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.norm_position = norm_position
-        self.use_bias = bool(use_bias)
-        self.init_std = float(init_std)
-        self.output_init_std = float(output_init_std)
-        self.fast_attention = bool(fast_attention)
+    def __init__(self, config: GPTConfig | dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        self.d_model, self.n_heads, self.norm_position = c.d_model, c.n_heads, c.norm_position
         policy = self.dtype_policy
-        self.ln_1 = LayerNorm(self.layer_norm_epsilon, name="ln_1", dtype=policy)
-        self.attn = CausalSelfAttention(
-            self.d_model,
-            self.n_heads,
-            attention_dropout=self.attention_dropout,
-            use_bias=self.use_bias,
-            init_std=self.init_std,
-            output_init_std=self.output_init_std,
-            fast_attention=self.fast_attention,
-            name="attn",
-            dtype=policy,
-        )
-        self.attn_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.ln_2 = LayerNorm(self.layer_norm_epsilon, name="ln_2", dtype=policy)
-        self.ffn = FeedForward(
-            self.d_model,
-            self.d_ff,
-            dropout=self.dropout,
-            use_bias=self.use_bias,
-            init_std=self.init_std,
-            output_init_std=self.output_init_std,
-            name="ffn",
-            dtype=policy,
-        )
+        self.ln_1 = LayerNorm(c.layer_norm_epsilon, name="ln_1", dtype=policy)
+        self.attn = CausalSelfAttention(c, name="attn", dtype=policy)
+        self.attn_dropout = keras.layers.Dropout(c.dropout, dtype=policy)
+        self.ln_2 = LayerNorm(c.layer_norm_epsilon, name="ln_2", dtype=policy)
+        self.ffn = FeedForward(c, name="ffn", dtype=policy)
 
     def build(self, input_shape: tuple) -> None:
         for layer in (self.ln_1, self.attn, self.ln_2, self.ffn):
@@ -427,19 +386,3 @@ class DecoderBlock(keras.layers.Layer):
             x = self.ln_1(x + self.attn_dropout(a, training=training))
             x = self.ln_2(x + self.ffn(x, training=training))
         return x if cache is None else (x, cache)
-
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "d_model": self.d_model,
-            "n_heads": self.n_heads,
-            "d_ff": self.d_ff,
-            "dropout": self.dropout,
-            "attention_dropout": self.attention_dropout,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "norm_position": self.norm_position,
-            "use_bias": self.use_bias,
-            "init_std": self.init_std,
-            "output_init_std": self.output_init_std,
-            "fast_attention": self.fast_attention,
-        }

@@ -5,7 +5,6 @@ The one place that builds a model: `build_model(config)` (or `GPT(config)`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
@@ -41,28 +40,11 @@ class GPT(keras.Model):
         self.config = config
         c = config
         policy = self.dtype_policy
-        residual_std = 0.02 / math.sqrt(2 * c.n_layers)
         self.embedding = TokenAndPositionEmbedding(
             c.vocab_size, c.context, c.d_model, c.position_encoding, name="embedding", dtype=policy
         )
         self.embedding_dropout = keras.layers.Dropout(c.dropout, dtype=policy)
-        self.blocks = [
-            DecoderBlock(
-                c.d_model,
-                c.n_heads,
-                c.d_ff,
-                dropout=c.dropout,
-                attention_dropout=c.attention_dropout,
-                layer_norm_epsilon=c.layer_norm_epsilon,
-                norm_position=c.norm_position,
-                use_bias=c.use_bias,
-                output_init_std=residual_std,
-                fast_attention=c.fast_attention,
-                name=f"block_{i}",
-                dtype=policy,
-            )
-            for i in range(c.n_layers)
-        ]
+        self.blocks = [DecoderBlock(c, name=f"block_{i}", dtype=policy) for i in range(c.n_layers)]
         self.final_norm = (
             LayerNorm(c.layer_norm_epsilon, name="final_norm", dtype=policy)
             if c.norm_position == "pre"
@@ -114,57 +96,30 @@ class GPT(keras.Model):
         return self._head(x)
 
     # ------------------------------------------------------- key/value cache
-    def init_cache(self, batch_size: int, length: int | None = None, dtype: str | None = None):
-        """Zeroed key/value cache, shape (B, L, 2, S, H, d_k); S defaults to the context."""
-        c = self.config
-        length = c.context if length is None else length
-        shape = (batch_size, c.n_layers, 2, length, c.n_heads, c.head_dim)
-        return ops.zeros(shape, dtype=dtype or self.compute_dtype)
+    def init_cache(self, batch_size, length=None, dtype: str | None = None) -> list:
+        """One zeroed (Kᵀ, V) pair per block, Kᵀ (B·H, d_k, S) and V (B·H, S, d_k) (heads folded into
+        the batch); S defaults to the context.
 
-    def call_with_cache(self, token_ids, cache, cache_index):
+        Separate per-layer tensors (not one stacked tensor): in the compiled decoding loop each is
+        updated in place with `slice_update`, where a stacked cache is sliced and re-stacked (copied)
+        at every step.
+        """
+        length = self.config.context if length is None else length
+        return [block.attn.init_cache(batch_size, length, dtype) for block in self.blocks]
+
+    def call_with_cache(self, token_ids, caches, cache_index):
         """Incremental forward pass.
 
         token_ids (B, T) sit at positions cache_index … cache_index+T−1; their keys and values are
-        written into `cache` (B, L, 2, S, H, d_k). Returns (float32 logits (B, T, V), new cache).
-        Prefill with the whole prompt at cache_index 0, then feed one token per step.
+        written into each block's (Kᵀ, V) cache (`init_cache`). Returns (float32 logits (B, T, V),
+        the updated caches). Prefill with the whole prompt at cache_index 0, then feed one token per step.
         """
         x = self.embedding(token_ids, start_index=cache_index)
-        layer_caches = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, cache=cache[:, i], cache_index=cache_index)
-            layer_caches.append(layer_cache)
-        return self._head(x), ops.stack(layer_caches, axis=1)
-
-    # --------------------------------------------------------------- training
-    def train_step(self, data):
-        """Keras' TensorFlow train step, with sparse (IndexedSlices) gradients made dense.
-
-        Keras Adam/AdamW applied to an IndexedSlices gradient with repeated rows (a gather-based
-        embedding that is not tied) accumulates Σg² instead of (Σg)²; densifying first gives the
-        exact Adam update. Other backends produce dense gradients already.
-        """
-        if keras.backend.backend() != "tensorflow":
-            return super().train_step(data)
-        import tensorflow as tf
-        from keras.src import tree
-        from keras.src.losses import loss as loss_module
-        from keras.src.trainers import data_adapters
-
-        x, y, sample_weight = data_adapters.data_adapter_utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            self._loss_tracker.update_state(
-                loss_module.unscale_loss_for_distribution(loss),
-                sample_weight=tf.shape(tree.flatten(x)[0])[0],
-            )
-            if self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
-        weights = self.trainable_weights
-        grads = tape.gradient(loss, weights)
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        self.optimizer.apply_gradients(zip(grads, weights, strict=True))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block(x, cache=tuple(cache), cache_index=cache_index)
+            new_caches.append(cache)
+        return self._head(x), new_caches
 
     # ----------------------------------------------------------- serialising
     def get_config(self) -> dict:
