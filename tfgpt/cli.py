@@ -59,14 +59,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory or .model file (default: the one named in the run's config.json)")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 0.8) -> None:
-    """--temperature, --top-k, --top-p, --seed, --xla."""
+def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 0.8, xla: bool | None = True) -> None:
+    """--temperature, --top-k, --top-p, --seed, --xla (default `xla`; None = the program decides)."""
     parser.add_argument("--temperature", type=temperature_arg, default=temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=top_k_arg, default=0, help="sample from the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=top_p_arg, default=1.0, help="sample from the nucleus of mass p (1 = off)")
     parser.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
-    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the decoding loop with XLA (faster per token, ~10 s to compile per shape)")
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=xla,
+                        help="compile the decoding loop with XLA: ~4x faster per token, but ~1-5 s to compile per "
+                             "shape" + (" [default: on for --interactive, off for one batch]" if xla is None else ""))
 
 
 def load_or_exit(model: str | None, tokenizer: str | None) -> tuple[Any, Any]:
