@@ -42,7 +42,6 @@ the bf16 peak. The last line printed is exactly `tfgpt/pytorch best ratio: R`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -79,15 +78,13 @@ class BenchError(ValueError):
 
 
 def load_config_class() -> type:
-    """`tfgpt.config.GPTConfig`, imported by file path: `import tfgpt` loads TensorFlow (tfgpt/__init__
-    imports the model), which must stay out of the parent process and the PyTorch workers."""
-    name = "_tfgpt_config_light"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tfgpt" / "config.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve the module through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[name].GPTConfig
+    """`tfgpt.config.GPTConfig` (importing it loads no TensorFlow, which must stay out of the parent process
+    and the PyTorch workers)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tfgpt.config import GPTConfig
+
+    return GPTConfig
 
 
 # ------------------------------------------------------------------------------------------ helpers
