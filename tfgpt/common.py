@@ -5,9 +5,12 @@ Importable without TensorFlow (like `tfgpt.config`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,23 +87,29 @@ def replace_directory(tmp: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def quiet_tensorflow() -> None:
-    """Import TensorFlow without its C++/absl start-up lines on stderr (oneDNN, CUDA stubs, cuInit), unless
-    the user set TF_CPP_MIN_LOG_LEVEL, in which case TensorFlow logs as they asked. For command-line
-    programs: call before anything imports TensorFlow. Python errors still raise as usual."""
-    import sys
-
-    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 (where C++ libraries log) to /dev/null for the block; Python exceptions still
+    propagate, and Python's own stderr is flushed first."""
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # device discovery logs (cuInit) happen here, not later
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow without its C++/absl start-up lines on stderr (oneDNN, CUDA stubs, cuInit), unless
+    the user set TF_CPP_MIN_LOG_LEVEL, in which case TensorFlow logs as they asked. For command-line
+    programs: call before anything imports TensorFlow. Python errors still raise as usual."""
+    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    with quiet_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # device discovery logs (cuInit) happen here, not later

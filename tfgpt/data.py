@@ -361,8 +361,7 @@ def story_tokens(stories: Iterable[str], tokenizer: Tokenizer, *, max_stories: i
     only the first `max_stories` when given."""
     texts = list(itertools.islice(stories, max_stories)) if max_stories is not None else list(stories)
     eos = int(tokenizer.eos_id)
-    dtype = np.int32
-    sequences = [np.asarray([eos, *ids, eos], dtype) for ids in tokenizer.encode_batch(texts)] if texts else []
+    sequences = [np.asarray([eos, *ids, eos], np.int32) for ids in tokenizer.encode_batch(texts)] if texts else []
     return StoryTokens(sequences, sum(len(t.encode("utf-8")) for t in texts))
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfgpt.common import replace_directory
+from tfgpt.common import quiet_stderr, replace_directory
 from tfgpt.generation import Decoder
 
 
@@ -113,12 +113,14 @@ def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
             f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
             "export the model with the tokenizer it was trained with"
         )
-    module = GPTExport(model, tokenizer)
+    with quiet_stderr():  # building the in-graph SentencePiece op logs from C++ too
+        module = GPTExport(model, tokenizer)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve,
-                                                          "generate": module.generate})
+        with quiet_stderr():  # tensorflow_text's SentencePiece logs "normalizer.cc ... LOG(INFO)" from C++
+            tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve,
+                                                              "generate": module.generate})
         replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

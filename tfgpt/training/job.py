@@ -6,10 +6,8 @@ Symbols: B = global batch size, T = context, S = steps per epoch = ⌊(N−1)/T�
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -439,21 +437,6 @@ def export_best(run_dir: Path, tokenizer: Tokenizer, notify: Callable[[str], Non
         return None
     keras.mixed_precision.set_global_policy("float32")  # serve in float32 whatever the training precision
     model = keras.saving.load_model(best, compile=False)
-    with quiet_stderr():  # tensorflow_text's SentencePiece logs "normalizer.cc ... LOG(INFO)" from C++
-        out = export_saved_model(model, tokenizer, run_dir / "saved_model")
+    out = export_saved_model(model, tokenizer, run_dir / "saved_model")
     notify(f"exported {out}")
     return out
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Send file descriptor 2 (where C++ libraries log) to /dev/null; Python exceptions still propagate."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
