@@ -21,6 +21,7 @@ import sys
 
 from tfgpt.cli import OneLineParser, non_negative_int_arg, positive_int_arg
 from tfgpt.common import BUNDLED_DATA, HF_SOURCE, quiet_tensorflow
+from tfgpt.config import NORM_POSITIONS, POSITION_ENCODINGS
 from tfgpt.training.config import PRECISIONS, STRATEGIES, TrainConfigError, settings_from_flags
 
 
@@ -69,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--context", type=positive_int_arg, help="T, tokens per training window (<= the preset's "
                    "context) [default: the preset's]")
     a.add_argument("--dropout", type=float, help="dropout rate [default: the preset's]")
+    a.add_argument("--d-model", type=positive_int_arg, help="D, width of the residual stream [default: the preset's]")
+    a.add_argument("--n-layers", type=positive_int_arg, help="L, decoder blocks [default: the preset's]")
+    a.add_argument("--n-heads", type=positive_int_arg, help="H, attention heads (D divisible by H) [default: the "
+                   "preset's]")
+    a.add_argument("--norm-position", choices=NORM_POSITIONS, help="pre-LN (GPT-2) or post-LN (Vaswani et al.) "
+                   "[default: the preset's]")
+    a.add_argument("--position-encoding", choices=POSITION_ENCODINGS, help="learned (GPT-2) or sinusoidal "
+                   "positions [default: the preset's]")
+    a.add_argument("--train-fraction", type=float, help="train on this hash-chosen fraction of the train stories "
+                   "(nested subsets, for data-scaling curves) [default: 1]")
     a.add_argument("--cache-dir", help="token cache directory [default: .cache/tokens]")
 
     t = p.add_argument_group("optimisation")

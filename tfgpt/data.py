@@ -66,8 +66,10 @@ def cache_key(resolved_identity: dict[str, Any], tokenizer: Tokenizer, split: st
 
 
 def _cache_paths(source: str, tokenizer: Tokenizer, split: str, cache_dir: str | Path,
-                 val_fraction: float, dev_fraction: float = 0.0) -> tuple[ResolvedSource, Path, Path]:
-    resolved = resolve_source(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=True)
+                 val_fraction: float, dev_fraction: float = 0.0,
+                 train_fraction: float = 1.0) -> tuple[ResolvedSource, Path, Path]:
+    resolved = resolve_source(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction,
+                              train_fraction=train_fraction, streaming=True)
     key = cache_key(resolved.identity, tokenizer, resolved.split)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/\\")).name or source)[:40]
     base = Path(cache_dir) / f"{stem}.{resolved.split}.{key}"
@@ -82,6 +84,7 @@ def token_stream(
     cache_dir: str | Path = ".cache/tokens",
     val_fraction: float = 0.05,
     dev_fraction: float = 0.0,
+    train_fraction: float = 1.0,
     workers: int = 2,
     progress: bool = True,
 ) -> np.ndarray:
@@ -95,7 +98,8 @@ def token_stream(
     only map the file. dtype uint16 (uint32 when the vocabulary exceeds 65536 ids).
     """
     return _ensure_cache(source, tokenizer, split, cache_dir=cache_dir, val_fraction=val_fraction,
-                         dev_fraction=dev_fraction, workers=workers, progress=progress)[0]
+                         dev_fraction=dev_fraction, train_fraction=train_fraction, workers=workers,
+                         progress=progress)[0]
 
 
 def token_stream_info(
@@ -106,18 +110,22 @@ def token_stream_info(
     cache_dir: str | Path = ".cache/tokens",
     val_fraction: float = 0.05,
     dev_fraction: float = 0.0,
+    train_fraction: float = 1.0,
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The cache index of a token stream (built if needed): tokens, stories, bytes (UTF-8 bytes of the
     story texts, for bits per byte), dtype, key, path, source identity."""
     return _ensure_cache(source, tokenizer, split, cache_dir=cache_dir, val_fraction=val_fraction,
-                         dev_fraction=dev_fraction, workers=workers, progress=progress)[1]
+                         dev_fraction=dev_fraction, train_fraction=train_fraction, workers=workers,
+                         progress=progress)[1]
 
 
 def _ensure_cache(source: str, tokenizer: Tokenizer, split: str, *, cache_dir: str | Path, val_fraction: float,
-                  workers: int, progress: bool, dev_fraction: float = 0.0) -> tuple[np.ndarray, dict[str, Any]]:
-    resolved, bin_path, index_path = _cache_paths(source, tokenizer, split, cache_dir, val_fraction, dev_fraction)
+                  workers: int, progress: bool, dev_fraction: float = 0.0,
+                  train_fraction: float = 1.0) -> tuple[np.ndarray, dict[str, Any]]:
+    resolved, bin_path, index_path = _cache_paths(source, tokenizer, split, cache_dir, val_fraction, dev_fraction,
+                                                  train_fraction)
     dtype = _stream_dtype(tokenizer)
     if index_path.is_file() and bin_path.is_file():
         index = json.loads(index_path.read_text())

@@ -21,6 +21,10 @@ Dev split (for choices made without touching the test set): with `dev_fraction` 
 split once more by a second, independent hash: `dev` = train stories with `hash_dev(story) < dev_fraction`,
 `train` = the rest. The validation split is then the untouched test set.
 
+Train subsets (for data-scaling curves): with `train_fraction` < 1 the train split keeps only the stories with
+`hash_subset(story) < train_fraction`, a third independent hash, so the 25 % subset lies inside the 50 % one
+and the dev and validation splits are unchanged.
+
 `tfgpt.data` turns the stories of a split into tokens; this module knows nothing of tokenizers.
 """
 
@@ -71,6 +75,7 @@ class ResolvedSource:
     val_fraction: float = 0.0
     dev_side: str | None = None  # "train"/"dev": keep only that side of the dev split of the train stories
     dev_fraction: float = 0.0
+    train_fraction: float = 1.0  # < 1: keep only this hash-chosen fraction of the train stories
 
 
 def load_stories(
@@ -79,15 +84,17 @@ def load_stories(
     *,
     val_fraction: float = 0.05,
     dev_fraction: float = 0.0,
+    train_fraction: float = 1.0,
     streaming: bool = False,
 ) -> Iterator[str]:
     """Iterate over the stories of `split` ("train", "dev", "validation" or "all") of `source`.
 
     See the module docstring for the source forms and the split rules ("dev" needs dev_fraction > 0,
-    which also removes the dev stories from "train"). Raises DataError (missing path, no stories,
+    which also removes the dev stories from "train"; train_fraction < 1 keeps that fraction of "train"). Raises DataError (missing path, no stories,
     undecodable bytes with file and byte offset, unknown split, unreachable dataset).
     """
-    resolved = resolve_source(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=streaming)
+    resolved = resolve_source(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction,
+                              train_fraction=train_fraction, streaming=streaming)
     return iter_source(resolved)
 
 
@@ -104,6 +111,8 @@ def iter_source(resolved: ResolvedSource) -> Iterator[str]:
         if resolved.dev_side is not None and (
             (story_hash_fraction(story, "dev") < resolved.dev_fraction) != (resolved.dev_side == "dev")
         ):
+            continue
+        if resolved.train_fraction < 1.0 and story_hash_fraction(story, "subset") >= resolved.train_fraction:
             continue
         count += 1
         yield story
@@ -140,8 +149,19 @@ def looks_like_path(source: str) -> bool:
 
 
 def resolve_source(source: str, split: str, *, val_fraction: float, dev_fraction: float = 0.0,
-             streaming: bool) -> ResolvedSource:
+                   train_fraction: float = 1.0, streaming: bool) -> ResolvedSource:
     split = _normalise_split(split)
+    if not isinstance(train_fraction, int | float) or not 0.0 < float(train_fraction) <= 1.0:
+        raise DataError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    resolved = _resolve_dev(source, split, val_fraction=val_fraction, dev_fraction=dev_fraction, streaming=streaming)
+    if split == "train" and float(train_fraction) < 1.0:
+        resolved.train_fraction = float(train_fraction)
+        resolved.identity = {**resolved.identity, "train_fraction": float(train_fraction)}
+    return resolved
+
+
+def _resolve_dev(source: str, split: str, *, val_fraction: float, dev_fraction: float,
+                 streaming: bool) -> ResolvedSource:
     if dev_fraction and not 0.0 < float(dev_fraction) < 1.0:
         raise DataError(f"dev_fraction must be in [0, 1), got {dev_fraction!r}")
     if split == "dev" and not dev_fraction:

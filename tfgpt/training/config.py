@@ -28,6 +28,10 @@ RUN_CONTROL_FIELDS = frozenset(
     {"time_budget", "run_name", "logdir", "out", "verbose", "log_every", "backup_every", "cache_dir", "export"}
 )
 #: TrainConfig fields that hold paths: recorded in JSON relative to the repository (`repo_relative`).
+#: GPTConfig fields a run may override (None = the preset's).
+MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "norm_position", "position_encoding")
+#: Settings added after runs were recorded, with the value that means "as before" (left out of identity()).
+NEWER_FIELDS: dict[str, Any] = {**dict.fromkeys(MODEL_FIELDS), "train_fraction": 1.0}
 PATH_FIELDS = ("data", "val_data", "tokenizer", "logdir", "out", "cache_dir")
 
 
@@ -59,6 +63,10 @@ class TrainConfig:
         weight_decay: AdamW decoupled weight decay, applied to weight matrices only.
         beta1, beta2: Adam moment decay rates; clipnorm: global gradient-norm clip.
         dropout: overrides the preset's dropout when not None.
+        d_model, n_layers, n_heads, norm_position, position_encoding: override the preset's (`GPTConfig`)
+            when not None, so a sweep or an ablation needs no new preset.
+        train_fraction: < 1 trains on this hash-chosen fraction of the train stories (tfgpt.stories; nested:
+            the 25 % subset lies inside the 50 % one), for data-scaling curves; dev/validation unchanged.
         precision: Keras dtype policy, or "auto" (GPU/TPU: mixed_bfloat16, older GPUs mixed_float16,
             CPU: `tfgpt.training.strategy.CPU_AUTO_PRECISION`).
         xla: `jit_compile` for the train step; None = auto (on for GPU/TPU, `CPU_AUTO_XLA` on CPU).
@@ -101,6 +109,12 @@ class TrainConfig:
     beta2: float = 0.95
     clipnorm: float = 1.0
     dropout: float | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    norm_position: str | None = None
+    position_encoding: str | None = None
+    train_fraction: float = 1.0
     precision: str = "auto"
     xla: bool | None = None
     strategy: str = "auto"
@@ -125,6 +139,7 @@ class TrainConfig:
             ("epochs", 1, False), ("max_steps", 1, True), ("batch_size", 1, False), ("context", 1, True),
             ("warmup", 0, True), ("log_every", 1, False), ("backup_every", 1, False), ("val_steps", 1, True),
             ("sample_tokens", 0, False), ("patience", 1, True), ("seed", 0, False),
+            ("d_model", 1, True), ("n_layers", 1, True), ("n_heads", 1, True),
         ):  # fmt: skip
             value = getattr(self, name)
             if value is None and optional:
@@ -155,6 +170,8 @@ class TrainConfig:
             raise TrainConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
         if not 0.0 <= float(self.dev_fraction) < 1.0:
             raise TrainConfigError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction!r}")
+        if not 0.0 < float(self.train_fraction) <= 1.0:
+            raise TrainConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction!r}")
         if self.dev_fraction and self.val_data is not None:
             raise TrainConfigError("--dev-fraction and --val-data both choose the validation text; pass one")
         for name, allowed in (("precision", PRECISIONS), ("strategy", STRATEGIES)):
@@ -164,6 +181,10 @@ class TrainConfig:
             raise TrainConfigError(f"xla must be true, false or null (auto), got {self.xla!r}")
         if self.verbose not in (0, 1, 2, "auto"):
             raise TrainConfigError(f"--verbose must be 0, 1, 2 or auto, got {self.verbose!r}")
+        try:  # the model settings make a valid GPTConfig (d_model divisible by n_heads, known norm position, ...)
+            self.model_config(PRESETS[self.preset].vocab_size)
+        except ConfigError as exc:
+            raise TrainConfigError(f"model settings: {exc}") from None
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name in (".", "..")):
             raise TrainConfigError(f"--run-name must be a plain directory name, got {self.run_name!r}")
 
@@ -192,6 +213,9 @@ class TrainConfig:
         values = {k: v for k, v in self.to_json().items() if k not in RUN_CONTROL_FIELDS}
         if not values["dev_fraction"]:  # runs made before the dev split existed keep their identity
             del values["dev_fraction"]
+        for name, default in NEWER_FIELDS.items():  # ... and so do runs made before these settings existed
+            if values[name] == default:
+                del values[name]
         return values
 
     def identity_hash(self) -> str:
@@ -217,6 +241,9 @@ class TrainConfig:
             overrides["context"] = self.context
         if self.dropout is not None:
             overrides["dropout"] = float(self.dropout)
+        for name in MODEL_FIELDS:
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
         return GPTConfig.from_preset(self.preset, **overrides)
 
     def warmup_steps(self, total_steps: int) -> tuple[int, str | None]:
@@ -242,7 +269,8 @@ def flag(name: str) -> str:
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """`name: saved -> current` for every weight-determining setting that differs."""
     now = current.identity()
-    saved = {k: v for k, v in saved.items() if not (k == "dev_fraction" and not v)}  # as identity() drops it
+    saved = {k: v for k, v in saved.items()  # as identity() drops them
+             if not (k == "dev_fraction" and not v) and not (k in NEWER_FIELDS and v == NEWER_FIELDS[k])}
     keys = sorted(set(now) | {k for k in saved if k not in RUN_CONTROL_FIELDS})
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 

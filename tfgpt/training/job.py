@@ -240,7 +240,8 @@ def load_tokens(source: str, tokenizer: Tokenizer, split: str, cfg: TrainConfig)
     HubUnavailableError that names the bundled sample."""
     try:
         return token_stream(source, tokenizer, split, cache_dir=cfg.cache_dir, val_fraction=cfg.val_fraction,
-                            dev_fraction=cfg.dev_fraction, progress=sys.stderr.isatty())
+                            dev_fraction=cfg.dev_fraction, train_fraction=cfg.train_fraction if split == "train" else 1.0,
+                            progress=sys.stderr.isatty())
     except DataError as exc:
         if looks_like_path(source) or Path(source).expanduser().exists():
             raise
