@@ -244,6 +244,9 @@ class TrainConfig:
         for name in MODEL_FIELDS:
             if getattr(self, name) is not None:
                 overrides[name] = getattr(self, name)
+        preset = PRESETS[self.preset]
+        if self.d_model is not None and preset.d_ff == 4 * preset.d_model:
+            overrides["d_ff"] = 0  # the feed-forward width follows the new D (F = 4 D), as in the preset
         return GPTConfig.from_preset(self.preset, **overrides)
 
     def warmup_steps(self, total_steps: int) -> tuple[int, str | None]:
