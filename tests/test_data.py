@@ -176,6 +176,12 @@ BUNDLED = {
     "TinyStories-valid.head.txt.xz": (
         "acca5e22a81d7eb67a55c902a1a60e56ed0bed21e18a051f4a118e35e0833ec4",
         "ff92eb6b0b590dcd06fee563fd0ec8ad729a05d49d76598796230046c1722c5c", 589),
+    "TinyStories-train.v2-gpt4-5M.txt.xz": (
+        "ff2e397a0f4063ab9ab23cc46dda48e073c53e7d477a95ac74f0068813cede3a",
+        "e0eb6c84ec40230a3f3669837d85095cfdcc756aa788f0a1ffcc99513b1de293", 6157),
+    "TinyStories-train.v1-val-after-1000.txt.xz": (
+        "f463d7fa4625bf01e4b37b690f78530121625a872aaf8e6138436ba964a6b556",
+        "d8245d4a1d68f9d2d7b1852a6a5c6a00af6a575423ac0f264bb5cf5a0a6052de", 7506),
 }
 
 
@@ -198,8 +204,9 @@ def test_bundled_files_are_the_recorded_bytes(tinystories_dir):
 def test_bundled_tinystories_directory(tinystories_dir):
     train = list(load_stories(str(tinystories_dir), "train"))
     valid = list(load_stories(str(tinystories_dir), "validation"))
-    # counts from the data README: 2,316 + 4,655 train (the cut-off tail of the head is dropped), 589 valid
-    assert len(train) == 2316 + 4655 and len(valid) == 589
+    # counts from the data README: 2,316 + 4,655 + 6,157 + 7,506 train (the cut-off tail of the head is dropped),
+    # 589 valid
+    assert len(train) == 2316 + 4655 + 6157 + 7506 == 20634 and len(valid) == 589
     assert len(set(train)) == len(train) and not set(train) & set(valid)
     assert any(s.startswith("One day, a little girl named Lily found a needle") for s in train)
     assert valid[0].startswith("Spot. Spot saw the shiny car")
@@ -230,7 +237,7 @@ def test_dev_split_is_carved_from_train_only(tinystories_dir, tmp_path):
     dev = list(load_stories(src, "dev", dev_fraction=0.05))
     valid = list(load_stories(src, "validation", dev_fraction=0.05))
     assert not set(train) & set(dev) and sorted(train + dev) == sorted(train_all)
-    assert 0.035 * len(train_all) < len(dev) < 0.065 * len(train_all)  # ~5 % of 6,971
+    assert 0.035 * len(train_all) < len(dev) < 0.065 * len(train_all)  # ~5 % of 20,634
     assert valid == list(load_stories(src, "validation"))  # the test set is untouched
     assert all(story_hash_fraction(s, "dev") < 0.05 for s in dev)
     assert all(story_hash_fraction(t, "dev") >= 0.05 for t in train)
@@ -243,6 +250,29 @@ def test_dev_split_is_carved_from_train_only(tinystories_dir, tmp_path):
     assert 30 <= len(sides["dev"]) <= 80
     with pytest.raises(DataError, match="dev split needs a dev fraction"):
         list(load_stories(src, "dev"))
+
+
+def test_train_fraction_keeps_nested_hash_chosen_subsets_of_train_only(tmp_path, tok):
+    stories = [f"Story {i}: a frog named Max hopped {i % 11} times." for i in range(800)]
+    path = str(write(tmp_path / "many.txt", blank_text(stories)))
+    kw = {"val_fraction": 0.1, "dev_fraction": 0.1}
+    train = list(load_stories(path, "train", **kw))
+    quarter = list(load_stories(path, "train", train_fraction=0.25, **kw))
+    half = list(load_stories(path, "train", train_fraction=0.5, **kw))
+    assert set(quarter) < set(half) < set(train)  # nested
+    assert 0.18 * len(train) < len(quarter) < 0.32 * len(train) and 0.42 * len(train) < len(half) < 0.58 * len(train)
+    assert [s for s in train if story_hash_fraction(s, "subset") < 0.25] == quarter  # order kept
+    for split in ("dev", "validation"):  # the held-out sides do not shrink
+        assert list(load_stories(path, split, train_fraction=0.25, **kw)) == list(load_stories(path, split, **kw))
+    # independent of the dev hash: dev stories are not the ones the subset drops
+    assert abs(sum(story_hash_fraction(s, "subset") < 0.5 for s in stories) / 800 - 0.5) < 0.06
+    ckw = {"cache_dir": tmp_path / "cache", "workers": 1, "progress": False, **kw}
+    full_info = token_stream_info(path, tok, "train", **ckw)
+    quarter_info = token_stream_info(path, tok, "train", train_fraction=0.25, **ckw)
+    assert full_info["key"] != quarter_info["key"] and quarter_info["stories"] == len(quarter)
+    assert token_stream_info(path, tok, "train", train_fraction=1.0, **ckw)["key"] == full_info["key"]
+    with pytest.raises(DataError, match=r"train_fraction must be in \(0, 1\], got 0"):
+        list(load_stories(path, "train", train_fraction=0))
 
 
 def test_dev_split_token_streams_are_cached_separately(tmp_path, tok):

@@ -41,6 +41,11 @@ def test_importing_the_config_and_the_package_does_not_import_tensorflow():
         ({"min_lr_ratio": 1.5}, "--min-lr-ratio must be in [0, 1], got 1.5"),
         ({"precision": "fp8"}, "--precision must be one of auto, float32"),
         ({"run_name": "a/b"}, "--run-name must be a plain directory name"),
+        ({"n_layers": 0}, "--n-layers must be an integer >= 1, got 0"),
+        ({"preset": "tiny", "d_model": 60, "n_heads": 8}, "model settings: d_model (60) must be divisible by n_heads"),
+        ({"norm_position": "middle"}, "model settings: norm_position must be one of ('pre', 'post')"),
+        ({"train_fraction": 0.0}, "--train-fraction must be in (0, 1], got 0.0"),
+        ({"train_fraction": 1.5}, "--train-fraction must be in (0, 1], got 1.5"),
     ],
 )
 def test_bad_settings_name_the_flag(overrides, message):
@@ -65,6 +70,27 @@ def test_identity_ignores_run_control_settings_and_names_differences():
     assert a.identity_hash() == b.identity_hash() and a.resolved_run_name == f"tiny-{a.identity_hash()}"
     c = TrainConfig(preset="tiny", lr=2e-3)
     assert config_differences(a.to_json(), c) == ["lr: 0.001 -> 0.002"]
+
+
+def test_model_overrides_change_the_preset_and_leave_old_run_identities_alone():
+    base = TrainConfig(preset="bench-6m")
+    cfg = TrainConfig(preset="bench-6m", d_model=384, n_heads=6, n_layers=4, norm_position="post",
+                      position_encoding="sinusoidal", dropout=0.2)
+    mc = cfg.model_config(4096)
+    assert (mc.d_model, mc.n_heads, mc.n_layers, mc.d_ff, mc.norm_position, mc.position_encoding, mc.dropout,
+            mc.vocab_size, mc.context) == (384, 6, 4, 4 * 384, "post", "sinusoidal", 0.2, 4096, 256)
+    assert base.model_config(4096) == TrainConfig(preset="bench-6m").model_config(4096)
+    assert base.model_config(4096).d_model == 256
+    # Settings left at "as before" are not part of the identity, so runs recorded earlier keep their names ...
+    identity = base.identity()
+    assert not {"d_model", "n_layers", "n_heads", "norm_position", "position_encoding", "train_fraction"} & set(identity)
+    old = {k: v for k, v in base.to_json().items()
+           if k not in ("d_model", "n_layers", "n_heads", "norm_position", "position_encoding", "train_fraction")}
+    assert config_differences(old, base) == []
+    # ... and each override is a different run, named in the differences.
+    assert config_differences(base.to_json(), TrainConfig(preset="bench-6m", train_fraction=0.25)) == [
+        "train_fraction: None -> 0.25"]
+    assert TrainConfig(preset="bench-6m", d_model=384, n_heads=8).identity_hash() != base.identity_hash()
 
 
 def test_paths_are_recorded_relative_to_the_repository():
