@@ -1,6 +1,7 @@
 """Recipe experiments on the dev split: run one at an equal compute budget, then tabulate and plot them.
 
     python bench/experiments.py run NAME --minutes 7 [--steps S] -- [train_keras.py flags]
+    python bench/experiments.py test NAME...   # scores finished runs once on the test set (evaluate.py)
     python bench/experiments.py table          # rewrites the table in runs/EXPERIMENTS.md and the plots
 
 `run` trains `train_keras.py --data data/tinystories --dev-fraction 0.05 --run-name exp-NAME --out runs/exp
@@ -16,7 +17,13 @@ tokens/s = c / (training FLOPs per token) and c is the median FLOP rate of the e
 cosine to 10 %) then ends at the budget, so no run is cut off at a high learning rate; `--time-budget` is only
 a safety stop at 1.5x.
 
-Dev bits per byte = dev loss (nats per token) / ln 2 x tokens / UTF-8 bytes of the dev stories.
+Dev bits per byte = dev loss (nats per token) / ln 2 x tokens / UTF-8 bytes of the dev stories (non-overlapping
+T-token windows, as `model.fit` validates). Test bits per byte is `evaluate.py` on the 589 validation stories
+(sliding windows, stride T/2, so each token sees more context: a little lower than the same model's dev figure).
+
+`table` also draws `runs/experiments/dev_curves.png` (dev bits/byte against tokens seen, each run's train curve
+beside it) and `runs/experiments/data_scaling.png` (the runs named in DATA_SCALING against their share of the
+training stories, with the fitted power law bpb(f) = E + A f^-alpha).
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ DEV_FRACTION = 0.05
 #: bench/RESULTS.md, 2026-12-01: bench-6m (D 256, L 6, T 256, V 4096) trains at 6,255 tokens/s, bf16.
 REFERENCE_FLOP_RATE = 6255 * 6.0 * (6 * 12 * 256**2 + 4096 * 256 + 6 * 256 * 256)
 TABLE_BEGIN, TABLE_END = "<!-- table: bench/experiments.py table -->", "<!-- end of table -->"
+FIT_BEGIN, FIT_END = "<!-- fit: bench/experiments.py table -->", "<!-- end of fit -->"
+#: The data-scaling group: the same recipe and compute on 12.5 %, 25 %, 50 % and 100 % of the training stories.
+DATA_SCALING = ("s6-f12-do1", "s6-f25", "s6-f50", "s6")
 
 
 def flops_per_token(model: dict[str, Any]) -> float:
@@ -154,14 +164,153 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def test_score(args: argparse.Namespace) -> int:
+    """Score each named finished run once on the test set (the validation split) and record it."""
+    for name in args.names:
+        path = RECORDS / f"{name}.json"
+        if not path.is_file():
+            print(f"error: no record {path}; run `python bench/experiments.py run {name} ...` first", file=sys.stderr)
+            return 2
+        out = ROOT / "runs" / "exp" / f"exp-{name}" / "test.json"
+        command = [sys.executable, "evaluate.py", "--model", f"runs/exp/exp-{name}", "--data", DATA,
+                   "--samples", "0", "--no-progress", "--json", str(out.relative_to(ROOT))]
+        rc = subprocess.call(command, cwd=ROOT)
+        if rc != 0:
+            return rc
+        result = json.loads(out.read_text())
+        record = json.loads(path.read_text())
+        record["test_bpb"] = round(result["bits_per_byte"], 5)
+        record["test_command"] = " ".join(shlex.quote(c) for c in ["python", *command[1:]])
+        atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
+        print(f"experiment {name}: test {record['test_bpb']:.4f} bits/byte")
+    return 0
+
+
+def fit_power_law(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Least-squares fit of y = E + A x^-alpha: (E, A, alpha).
+
+    For each alpha on a fine grid the best (E, A) is a linear least-squares problem; the alpha with the smallest
+    residual wins. Needs at least three points with distinct x.
+    """
+    import numpy as np
+
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.size < 3 or np.unique(xs).size < 3:
+        raise ValueError("a power-law fit needs at least three distinct x values")
+    best: tuple[float, float, float, float] | None = None
+    for alpha in np.linspace(0.01, 3.0, 2991):
+        design = np.stack([np.ones_like(xs), xs**-alpha], axis=1)
+        (e, a), *_ = np.linalg.lstsq(design, ys, rcond=None)
+        err = float(np.sum((design @ np.array([e, a]) - ys) ** 2))
+        if best is None or err < best[0]:
+            best = (err, float(e), float(a), float(alpha))
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def data_scaling(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], tuple[float, float, float] | None]:
+    """The data-scaling group's records (by train fraction) and its fit, if there are three or more."""
+    by_name = {r["name"]: r for r in records}
+    group = sorted((by_name[n] for n in DATA_SCALING if n in by_name), key=lambda r: r["train"]["train_fraction"])
+    if len(group) < 3:
+        return group, None
+    return group, fit_power_law([r["train"]["train_fraction"] for r in group], [r["best_dev_bpb"] for r in group])
+
+
+def fit_text(group: list[dict[str, Any]], fit: tuple[float, float, float] | None) -> str:
+    if fit is None:
+        return "(the data-scaling group has fewer than three finished runs)"
+    e, a, alpha = fit
+    lines = [f"Fit over {', '.join(r['name'] for r in group)} (best dev bits/byte against f, the share of the "
+             f"training stories): bpb(f) = {e:.4f} + {a:.4f} f^-{alpha:.3f}.",
+             "", "| share of the text f | measured dev bpb | fitted | test bpb |", "|---:|---:|---:|---:|"]
+    for r in group:
+        f = r["train"]["train_fraction"]
+        test = f"{r['test_bpb']:.4f}" if "test_bpb" in r else "-"
+        lines.append(f"| {f:g} | {r['best_dev_bpb']:.4f} | {e + a * f**-alpha:.4f} | {test} |")
+    for f in (4.0, 10.0):
+        lines.append(f"| {f:g} (projection) | - | {e + a * f**-alpha:.4f} | - |")
+    return "\n".join(lines)
+
+
+def plots(records: list[dict[str, Any]], group: list[dict[str, Any]], fit: tuple[float, float, float] | None,
+          out_dir: Path) -> list[Path]:
+    """dev_curves.png and (with a fit) data_scaling.png under out_dir; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for i, r in enumerate(records):
+        color = f"C{i % 10}"
+        to_bpb = r["dev_tokens"] / r["dev_bytes"] / math.log(2)
+        tokens_per_step = r["tokens"] / max(r["steps"], 1)
+        if r["curve"]:
+            ax.plot([s * tokens_per_step / 1e6 for s, _ in r["curve"]], [v * to_bpb for _, v in r["curve"]], color=color,
+                    alpha=0.35, linewidth=1)
+        ax.plot([e["tokens"] / 1e6 for e in r["evals"]], [e["dev_bpb"] for e in r["evals"]], "o-", color=color,
+                label=f"{r['name']} ({r['parameters'] / 1e6:.1f} M)", markersize=4)
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Dev bits/byte (markers) and train loss in bits/byte (faint lines)")
+    best = min(r["best_dev_bpb"] for r in records)
+    ax.set_ylim(best - 0.05, best + 0.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    written.append(_save(fig, out_dir / "dev_curves.png"))
+    plt.close(fig)
+    if fit is not None:
+        e, a, alpha = fit
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fs = [r["train"]["train_fraction"] for r in group]
+        ax.plot(fs, [r["best_dev_bpb"] for r in group], "o", color="C0", label="dev (measured)")
+        tests = [(r["train"]["train_fraction"], r["test_bpb"]) for r in group if "test_bpb" in r]
+        if tests:
+            ax.plot([f for f, _ in tests], [b for _, b in tests], "s", color="C1", label="test (measured)")
+        grid = [min(fs) * (10 / min(fs)) ** (i / 100) for i in range(101)]
+        ax.plot(grid, [e + a * f**-alpha for f in grid], "--", color="C0",
+                label=f"fit {e:.3f} + {a:.3f} f^-{alpha:.2f}")
+        ax.axvspan(1, 10, color="0.9", zorder=0)
+        ax.text(3, ax.get_ylim()[1], "projection", ha="center", va="top", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("share of the 20,634 training stories (same compute)")
+        ax.set_ylabel("bits per byte")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "data_scaling.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
 def table(records: list[dict[str, Any]]) -> str:
-    rows = ["| run | what differs | params | tokens | epochs | min | tok/s | best dev bpb (step) | final dev bpb |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| run | what differs | params | tokens | epochs | min | tok/s | best dev bpb (step) | final dev bpb "
+            "| test bpb |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
+        test = f"{r['test_bpb']:.4f}" if "test_bpb" in r else "-"
         rows.append(f"| {r['name']} | {r['note']} | {r['parameters'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | "
                     f"{r['epochs']:.2f} | {r['train_minutes']:.1f} | {r['tokens_per_sec']:,.0f} | "
-                    f"{r['best_dev_bpb']:.4f} ({r['best_step']}) | {r['final_dev_bpb']:.4f} |")
+                    f"{r['best_dev_bpb']:.4f} ({r['best_step']}) | {r['final_dev_bpb']:.4f} | {test} |")
     return "\n".join(rows)
+
+
+def _replace_between(doc: str, begin: str, end: str, text: str) -> str:
+    if begin not in doc or end not in doc:
+        return doc
+    head, rest = doc.split(begin, 1)
+    return head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
 
 
 def make_table(args: argparse.Namespace) -> int:
@@ -171,13 +320,14 @@ def make_table(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     text = table(records)
+    group, fit = data_scaling(records)
+    scaling = fit_text(group, fit)
     if EXPERIMENTS_MD.is_file():
-        doc = EXPERIMENTS_MD.read_text()
-        if TABLE_BEGIN in doc and TABLE_END in doc:
-            head, rest = doc.split(TABLE_BEGIN, 1)
-            doc = head + TABLE_BEGIN + "\n" + text + "\n" + TABLE_END + rest.split(TABLE_END, 1)[1]
-            atomic_write(EXPERIMENTS_MD, doc.encode())
-    print(text)
+        doc = _replace_between(EXPERIMENTS_MD.read_text(), TABLE_BEGIN, TABLE_END, text)
+        doc = _replace_between(doc, FIT_BEGIN, FIT_END, scaling)
+        atomic_write(EXPERIMENTS_MD, doc.encode())
+    written = plots(records, group, fit, RECORDS)
+    print(text + "\n\n" + scaling + "\n\nplots: " + ", ".join(str(p.relative_to(ROOT)) for p in written))
     return 0
 
 
@@ -189,12 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--minutes", type=float, default=7.0, help="compute budget of the run [default: 7]")
     r.add_argument("--steps", type=int, help="optimizer steps (overrides the budget's prediction)")
     r.add_argument("--note", default="", help="what differs from the baseline (the table's column)")
-    sub.add_parser("table", help="rewrite the table of runs/EXPERIMENTS.md (and print it)")
+    t = sub.add_parser("test", help="score finished runs once on the test set (the 589 validation stories)")
+    t.add_argument("names", nargs="+")
+    sub.add_parser("table", help="rewrite the table and fit of runs/EXPERIMENTS.md, draw the plots, print them")
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.flags = flags
-    return run(args) if args.cmd == "run" else make_table(args)
+    return {"run": run, "test": test_score, "table": make_table}[args.cmd](args)
 
 
 if __name__ == "__main__":
