@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from tfgpt.generation import generate_text
 
 PROMPTS = ["Once upon a time", "", "Tom and Mia went to the park. Tom saw a big red ball."]
 IDS = [[3, 10, 11, 12], [3, 200, 7, 7]]
+REPO = Path(__file__).resolve().parents[1]
 
 LOADER = textwrap.dedent(
     """
@@ -92,3 +94,37 @@ def test_export_cli_error_is_one_line(tmp_path, capsys):
     assert export_main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: model path {tmp_path / 'missing'} does not exist")
+
+
+def snapshot(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tfgpt.export", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+
+
+def test_export_never_replaces_a_folder_that_is_not_a_saved_model(trained, tmp_path):
+    run = trained[0]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a user's file")
+    afile = tmp_path / "file.txt"
+    afile.write_text("not a directory")
+    for out, what in [(run, "model.keras"), (folder, "notes.txt"), (afile, "is a file")]:
+        before = snapshot(out) if out.is_dir() else out.read_bytes()
+        proc = run_export("--model", str(run), "--out", str(out))
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1, proc.stderr
+        assert err[0].startswith(f"error: --out {out} ") and what in err[0]
+        assert (snapshot(out) if out.is_dir() else out.read_bytes()) == before
+
+
+def test_export_replaces_an_old_saved_model(trained, tmp_path):
+    out = tmp_path / "exported"
+    assert export_main(["--model", str(trained[0]), "--out", str(out)]) == 0
+    (out / "variables" / "stale").write_text("left from an old export")
+    assert export_main(["--model", str(trained[0]), "--out", str(out)]) == 0
+    assert (out / "saved_model.pb").is_file() and not (out / "variables" / "stale").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temp or old directory left beside it

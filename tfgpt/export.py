@@ -33,10 +33,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import tensorflow as tf
+from tfgpt.common import quiet_stderr, quiet_tensorflow, replace_directory
 
-from tfgpt.common import quiet_stderr, replace_directory
-from tfgpt.generation import Decoder
+if __name__ == "__main__":  # `python -m tfgpt.export`: no C++ start-up lines before our own output
+    quiet_tensorflow()
+
+import tensorflow as tf  # noqa: E402
+
+from tfgpt.generation import Decoder  # noqa: E402
+
+#: What `tf.saved_model.save` writes: the only entries a directory may hold for an export to replace it.
+SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "variables", "assets", "assets.extra", "fingerprint.pb"})
 
 
 class ExportError(ValueError):
@@ -105,9 +112,27 @@ class GPTExport(tf.Module):
         self.generate = generate
 
 
-def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write `model` + `tokenizer` as a SavedModel directory `out_dir` (replaced atomically); returns it."""
+def check_export_dir(out_dir: str | Path) -> None:
+    """Raise ExportError unless `out_dir` is new, an empty directory, or a SavedModel (which an export replaces):
+    an export never deletes a user's files or a run directory."""
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a directory; name a new directory for the SavedModel")
+    entries = {p.name for p in out_dir.iterdir()}
+    if entries and not ("saved_model.pb" in entries and entries <= SAVED_MODEL_ENTRIES):
+        others = ", ".join(sorted(entries - SAVED_MODEL_ENTRIES)[:3])
+        raise ExportError(f"{out_dir} is not a SavedModel (it holds {others}) and would be replaced; "
+                          "name a new or empty directory, or an old SavedModel to overwrite")
+
+
+def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write `model` + `tokenizer` as a SavedModel directory `out_dir` and return it. A new or empty directory,
+    or an old SavedModel, is replaced whole once the new one is written (the old one stays readable until
+    then); anything else is refused with ExportError."""
+    out_dir = Path(out_dir)
+    check_export_dir(out_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ExportError(
             f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
@@ -137,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tfgpt.runs import RunError, load_model
 
+    try:
+        check_export_dir(args.out)
+    except ExportError as exc:
+        print(f"error: --out {exc}", file=sys.stderr)
+        return 2
     try:
         model, tokenizer = load_model(args.model, args.tokenizer)
         path = export_saved_model(model, tokenizer, args.out)
