@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,3 +410,48 @@ def test_dev_split_run_validates_on_dev_stories_only(corpus, tmp_path):
     assert "dev_fraction" not in small_config(corpus, tmp_path).identity()
     with pytest.raises(TrainConfigError, match="--dev-fraction and --val-data"):
         small_config(corpus, tmp_path, dev_fraction=0.1, val_data=str(corpus["data"]))
+
+
+# ------------------------------------------------------------------------------------------ nothing lost on resume
+def paused_run(corpus, tmp_path: Path) -> TrainConfig:
+    """A run stopped by its time budget after one step (a backup, not finished), with its own tokenizer copy."""
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(corpus["tokenizer"], tokenizer)
+    cfg = small_config(corpus, tmp_path, tokenizer=str(tokenizer), epochs=1, max_steps=15, val_steps=2,
+                       time_budget=1e-3)
+    assert train(cfg)["status"] == "time_budget"
+    return cfg
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_resume_after_the_tokenizer_was_retrained_is_refused(corpus, tmp_path):
+    cfg = paused_run(corpus, tmp_path)
+    stories = [s for s in (corpus["data"] / "train.txt").read_text().split(EOT) if s.strip()]
+    train_tokenizer(stories[::-1], 480, cfg.tokenizer)  # retrained in place: other ids
+    before = files_of(cfg.run_dir)
+    proc = run_cli(["--resume", str(cfg.run_dir)], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: the tokenizer at {cfg.tokenizer} ") and "another --run-name" in proc.stderr
+    assert files_of(cfg.run_dir) == before  # the pinned tokenizer and config.json untouched
+
+
+def test_a_damaged_backup_is_one_error_line(corpus, tmp_path):
+    cfg = paused_run(corpus, tmp_path)
+    backup = cfg.run_dir / "backup" / "state.npz"
+    backup.write_bytes(backup.read_bytes()[: backup.stat().st_size // 2])  # truncated, as by a full disk
+    before = files_of(cfg.run_dir)
+    proc = run_cli(["--resume", str(cfg.run_dir)], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: backup {backup} is damaged") and f"delete {backup.parent}" in proc.stderr
+    assert files_of(cfg.run_dir) == before
+
+
+def test_out_naming_a_file_is_one_error_line(corpus, tmp_path):
+    afile = tmp_path / "runs.txt"
+    afile.write_text("mine")
+    proc = run_cli([*cli_args(corpus, tmp_path, "r"), "--out", str(afile)], timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --out {afile} is a file, not a directory") and afile.read_text() == "mine"

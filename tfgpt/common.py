@@ -104,11 +104,12 @@ def quiet_stderr() -> Iterator[None]:
 
 def quiet_tensorflow() -> None:
     """Import TensorFlow without its C++/absl start-up lines on stderr (oneDNN, CUDA stubs, cuInit), unless
-    the user set TF_CPP_MIN_LOG_LEVEL, in which case TensorFlow logs as they asked. For command-line
-    programs: call before anything imports TensorFlow. Python errors still raise as usual."""
-    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    the user asked for them with TF_CPP_MIN_LOG_LEVEL=0 or 1 (absl prints the start-up lines even at level 3, so
+    a higher level alone would not hide them). For command-line programs: call before anything imports
+    TensorFlow. Python errors still raise as usual."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") in ("0", "1"):
         return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with quiet_stderr():
         import tensorflow as tf
 

@@ -9,10 +9,13 @@ tokenizer path, the model config), `metrics.json`, `model.keras` (weights of the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,19 +56,23 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
     model_file = path / "model.keras" if path.is_dir() else path
     if not model_file.is_file():
         raise RunError(f"no model.keras in {path}; pass a run directory or a .keras file")
+    explicit_tokenizer = tokenizer_path is not None
     if tokenizer_path is None:
         tokenizer_path = _tokenizer_from_run(run_dir)
     try:
         tokenizer = Tokenizer.load(tokenizer_path)
     except TokenizerError as exc:
         raise RunError(f"{exc} (pass the tokenizer with --tokenizer)") from None
-    trained_with = _recorded_tokenizer_hash(run_dir) if path.is_dir() else None
+    trained_with = recorded_tokenizer_hash(run_dir)  # a bare .keras is checked against its run's config.json too
     if trained_with is not None and tokenizer.sha256 != trained_with:
         raise RunError(
             f"tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:12]}) is not the one {run_dir} was trained "
             f"with (sha256 {trained_with[:12]}, recorded in its config.json); pass --tokenizer "
             f"{run_dir / PINNED_TOKENIZER}"
         )
+    if trained_with is None and explicit_tokenizer:
+        print(f"warning: tokenizer {tokenizer.path} is unverified: no config.json beside {model_file} records the "
+              "tokenizer it was trained with", file=sys.stderr)
     try:
         model = keras.saving.load_model(model_file, compile=False)
     except (ValueError, OSError, json.JSONDecodeError) as exc:
@@ -94,12 +101,24 @@ def pin_tokenizer(run_dir: str | Path, tokenizer: Any) -> str:
     return PINNED_TOKENIZER
 
 
-def _recorded_tokenizer_hash(run_dir: Path) -> str | None:
-    """The sha256 of the tokenizer recorded in run_dir/config.json (tokenizer_info), if any."""
-    config_file = run_dir / "config.json"
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """run_dir/config.json as a dict (None when there is none); RunError with one line when it is not JSON."""
+    config_file = Path(run_dir) / "config.json"
     if not config_file.is_file():
         return None
-    info = json.loads(config_file.read_text()).get("tokenizer_info") or {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{config_file} is not valid JSON ({str(exc).splitlines()[0]}); restore it from the run "
+                       "or delete it and pass --tokenizer") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{config_file} is not a run config (a JSON object); restore it or delete it")
+    return config
+
+
+def recorded_tokenizer_hash(run_dir: str | Path) -> str | None:
+    """The sha256 of the tokenizer recorded in run_dir/config.json (tokenizer_info), if any."""
+    info = (read_run_config(run_dir) or {}).get("tokenizer_info") or {}
     return info.get("sha256") if isinstance(info, dict) else None
 
 
@@ -107,9 +126,8 @@ def _tokenizer_from_run(run_dir: Path) -> Path:
     """The tokenizer named by run_dir/config.json (keys "tokenizer", "tokenizer_path", "tokenizer_dir",
     at the top level or under "data"/"train"), resolved against run_dir, the working directory, then
     the repository root (training writes paths relative to where it ran); else run_dir/tokenizer."""
-    config_file = run_dir / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
+    config = read_run_config(run_dir)
+    if config is not None:
         for section in (config, config.get("data") or {}, config.get("train") or {}):
             for key in ("tokenizer", "tokenizer_path", "tokenizer_dir"):
                 value = section.get(key) if isinstance(section, dict) else None
@@ -182,15 +200,36 @@ def save_backup(path: str | Path, model: Any, state: RunState, identity_hash: st
 
 def read_backup_meta(path: str | Path) -> dict[str, Any]:
     """{"state": RunState fields, "identity": settings hash, "format": n} of a backup."""
-    with np.load(path) as z:
+    with _reading_backup(path), np.load(path) as z:
         return json.loads(bytes(z["meta"]).decode())
+
+
+@contextlib.contextmanager
+def _reading_backup(path: str | Path) -> Iterator[None]:
+    """Turn what a truncated or damaged backup raises (zip, zlib, EOF, a missing or bad meta entry) into one
+    TrainConfigError line that says what to do."""
+    import zipfile
+    import zlib
+
+    from tfgpt.training.config import TrainConfigError
+
+    try:
+        yield
+    except TrainConfigError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainConfigError(
+            f"backup {path} is damaged ({reason}); delete {Path(path).parent} to train the run again from "
+            "step 0, or choose another --run-name"
+        ) from None
 
 
 def load_backup(path: str | Path, model: Any) -> RunState:
     """Restore what `save_backup` wrote into a compiled model (optimizer built); returns the state."""
     from tfgpt.training.config import TrainConfigError
 
-    with np.load(path) as z:
+    with _reading_backup(path), np.load(path) as z:
         meta = json.loads(bytes(z["meta"]).decode())
         for prefix, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
             n_saved = sum(1 for k in z.files if k.startswith(prefix + "/"))
@@ -230,7 +269,10 @@ def find_run(cfg: Any, resume: bool | None) -> Path | None:
     if resume is False:
         raise TrainConfigError(f"{run_dir} already holds a backup; choose another --run-name")
     if read_backup_meta(backup).get("identity") != cfg.identity_hash():
-        saved = json.loads(config_path.read_text()).get("train", {}) if config_path.is_file() else {}
+        try:
+            saved = (read_run_config(run_dir) or {}).get("train") or {}
+        except RunError as exc:
+            raise TrainConfigError(str(exc)) from None
         diffs = config_differences(saved, cfg) if saved else ["(config.json missing)"]
         raise TrainConfigError(
             f"{run_dir} holds a run with different settings ({'; '.join(diffs[:4])}); "

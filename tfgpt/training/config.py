@@ -187,6 +187,10 @@ class TrainConfig:
             raise TrainConfigError(f"model settings: {exc}") from None
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name in (".", "..")):
             raise TrainConfigError(f"--run-name must be a plain directory name, got {self.run_name!r}")
+        for name in ("out", "logdir", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None and Path(value).exists() and not Path(value).is_dir():
+                raise TrainConfigError(f"{flag(name)} {value} is a file, not a directory; name a directory")
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:

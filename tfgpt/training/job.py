@@ -31,6 +31,7 @@ from tfgpt.runs import (
     load_backup,
     pin_tokenizer,
     read_backup_meta,
+    recorded_tokenizer_hash,
     write_run_file,
 )
 from tfgpt.stories import looks_like_path
@@ -75,6 +76,8 @@ def train(
     if backup_file is not None and (done := finished_result(cfg, backup_file, notify)) is not None:
         return done
     data = load_data(cfg)
+    if backup_file is not None:
+        check_resume_tokenizer(cfg, data.tokenizer)
     job = Job(cfg, data, plan_steps(cfg, data, notify), resolve_hardware(cfg, notify), notify)
     previous_policy = keras.mixed_precision.global_policy()
     try:
@@ -215,6 +218,18 @@ class Callbacks:
 
 
 # =========================================================================== the steps of `train`
+def check_resume_tokenizer(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    """Refuse to resume a run whose tokenizer (at the configured path) changed since it started: its weights
+    belong to the ids of the old one (kept in runs/<run>/tokenizer/)."""
+    trained_with = recorded_tokenizer_hash(cfg.run_dir)
+    if trained_with is not None and tokenizer.sha256 != trained_with:
+        raise TrainConfigError(
+            f"the tokenizer at {cfg.tokenizer} (sha256 {tokenizer.sha256[:12]}) is not the one {cfg.run_dir} was "
+            f"trained with (sha256 {trained_with[:12]}); put that one back (a copy is in "
+            f"{cfg.run_dir / PINNED_TOKENIZER}) to resume, or start a new run with another --run-name"
+        )
+
+
 def finished_result(cfg: TrainConfig, backup_file: Path, notify: Callable[[str], None]) -> dict[str, Any] | None:
     """The summary of a run that is already complete (nothing to do), else None."""
     prior = RunState.from_dict(read_backup_meta(backup_file)["state"])
