@@ -38,7 +38,9 @@ def test_backup_round_trip_restores_model_optimizer_and_state(tmp_path):
     state = RunState(global_step=7, epoch=1, step_in_epoch=2, epoch_loss=[12.5, 4.0], history=[{"epoch": 1}])
     path = backup_path(tmp_path / "run")
     save_backup(path, model, state, "abcd1234")
-    assert path == tmp_path / "run" / "backup" / "state.npz" and oct(path.stat().st_mode & 0o777) != "0o600"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path == tmp_path / "run" / "backup" / "state.npz" and path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in path.parent.iterdir()] == ["state.npz"]  # no temporary file left behind
     assert read_backup_meta(path)["identity"] == "abcd1234"
 
@@ -126,3 +128,20 @@ def test_the_shipped_run_loads_with_its_pinned_tokenizer():
     assert model.count_params() == config["resolved"]["parameters"]
     assert {k: v for k, v in model.config.to_dict().items() if k in config["model"]} == {
         k: v for k, v in config["model"].items() if k in model.config.to_dict()}
+
+
+def test_atomic_write_syncs_file_and_directory_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    from tfgpt import common
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(common.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or
+                        real_fsync(fd))
+    target = tmp_path / "out.json"
+    common.atomic_write(target, b"first")
+    assert target.read_bytes() == b"first" and len(synced) == 2
+    assert synced[0].startswith(str(tmp_path / ".out.json.")) and synced[1] == str(tmp_path)  # file, then dir
+    with pytest.raises(RuntimeError, match="disk gone"), common.atomic_file(target) as f:
+        f.write(b"half")
+        raise RuntimeError("disk gone")
+    assert target.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["out.json"]

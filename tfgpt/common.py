@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 #: The repository root (where `tokenizer/`, `runs/` and `data/` live in a checkout).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,19 +30,47 @@ BUNDLED_DATA = "data/tinystories"
 SHIPPED_RUN = "runs/shipped"
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and os.replace, so a reader
-    never sees a half-written file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; when the block succeeds, sync it to disk, give it the usual
+    mode of a new file, rename it to `path` and sync the directory, so a reader (or a crash) never sees a
+    half-written file. When the block raises, the temporary file is removed and `path` is untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
+        _fsync(tmp)
         make_readable(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """`atomic_path` as an open binary file (closed before the rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` durably and atomically (`atomic_path`)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a directory on a filesystem that cannot sync one: the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -21,10 +21,8 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from tfgpt.common import BUNDLED_DATA, atomic_write, make_readable
+from tfgpt.common import BUNDLED_DATA, atomic_file, atomic_write
 from tfgpt.stories import (  # noqa: F401  (re-exported: the data front door)
     DEFAULT_SOURCE,
     SPLITS,
@@ -198,11 +196,10 @@ def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, 
     """Tokenise `stories` into `bin_path` (via a temporary file); at most 2·workers chunks in flight."""
     from tqdm.auto import tqdm
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{bin_path.name}.", suffix=".tmp", dir=bin_path.parent)
     stats = {"tokens": 1, "stories": 0, "bytes": 0}
     pool = None
     try:
-        with os.fdopen(fd, "wb") as out, tqdm(desc=desc, unit=" stories", disable=not progress,
+        with atomic_file(bin_path) as out, tqdm(desc=desc, unit=" stories", disable=not progress,
                                               mininterval=0.5, dynamic_ncols=True) as bar:
 
             def write(result: tuple[bytes, int, int, int]) -> None:
@@ -231,11 +228,6 @@ def _write_stream(stories: Iterator[str], tokenizer: Tokenizer, bin_path: Path, 
             else:
                 for chunk in chunks:
                     write(_encode_chunk(tokenizer, chunk))
-        make_readable(tmp)
-        os.replace(tmp, bin_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         if pool is not None:
             pool.terminate()

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tfgpt.common import REPO_ROOT, SHIPPED_RUN, atomic_write, make_readable, write_json
+from tfgpt.common import REPO_ROOT, SHIPPED_RUN, atomic_file, atomic_write, write_json
 
 #: The model `generate.py` and `evaluate.py` use when no --model is given (a run directory).
 DEFAULT_MODEL = REPO_ROOT / SHIPPED_RUN
@@ -175,7 +173,7 @@ def backup_path(run_dir: str | Path) -> Path:
 
 def save_backup(path: str | Path, model: Any, state: RunState, identity_hash: str) -> None:
     """Atomically write model variables (weights, dropout RNG states), optimizer variables and the
-    run state to one .npz file (streamed to a temporary file, synced, renamed into place)."""
+    run state to one .npz file (`atomic_file`: streamed to a temporary file, synced, renamed into place)."""
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     for i, v in enumerate(model.variables):
@@ -185,17 +183,8 @@ def save_backup(path: str | Path, model: Any, state: RunState, identity_hash: st
     meta = {"state": state.to_dict(), "identity": identity_hash, "format": BACKUP_FORMAT}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def read_backup_meta(path: str | Path) -> dict[str, Any]:

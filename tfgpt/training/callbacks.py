@@ -7,7 +7,6 @@ They share one `RunState` (tfgpt.runs), which the backups save and a resumed run
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfgpt.common import atomic_path
 from tfgpt.runs import RunState, save_backup, write_run_file
 from tfgpt.training.optim import WarmupCosine
 
@@ -290,9 +290,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             self.plain = type(self.model).from_config(self.model.get_config())
         self.plain.set_weights(self.model.get_weights())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.stem}.tmp.keras")
-        self.plain.save(tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path, suffix=".keras") as tmp:
+            self.plain.save(tmp)
 
 
 class StateBackup(keras.callbacks.Callback):
