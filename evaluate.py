@@ -49,6 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.json is not None:  # checked now, not after the whole evaluation
+        out = Path(args.json)
+        if out.is_dir():
+            parser.error(f"--json {args.json} is a directory; name a file such as {out / 'eval.json'}")
+        if not out.parent.is_dir():
+            parser.error(f"--json {args.json}: folder {out.parent} does not exist; create it or name another file")
     if args.seed is None:
         args.seed = 0  # evaluation is deterministic
     if args.data is None:

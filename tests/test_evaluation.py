@@ -160,6 +160,8 @@ def test_sample_quality_of_the_tiny_model(trained):
         (["--stride", "0"], "argument --stride: must be an integer >= 1"),
         (["--samples", "-1"], "argument --samples: must be an integer >= 0"),
         (["--model", "missing/run"], "model path missing/run does not exist"),
+        (["--json", "nowhere/eval.json"], "--json nowhere/eval.json: folder nowhere does not exist; create it"),
+        (["--json", "."], r"--json \. is a directory; name a file"),
     ],
 )
 def test_cli_rejects_bad_values_with_one_line(args, message, tmp_path):
@@ -198,6 +200,13 @@ def test_cli_reports_scores_and_writes_json(trained, tinystories_dir, tmp_path, 
                      "--json", str(out_json)]) == 0
     record = json.loads(out_json.read_text())
     assert record["split"] == "all" and record["stories"] == 15
+
+    # A last story without a separator after it is scored too; a tail cut off mid-sentence is not.
+    for tail, n in (("\n", 3), ("", 3), ("\n<|endoftext|>\nShe said it was", 3)):
+        lone.write_text(f"{stories[0]}\n<|endoftext|>\n{stories[1]}\n<|endoftext|>\n{stories[2]}{tail}")
+        assert cli.main(["--model", str(run), "--data", str(lone), "--samples", "0", "--no-progress",
+                         "--json", str(out_json)]) == 0
+        assert json.loads(out_json.read_text())["stories"] == n, repr(tail)
     assert "[all]: scored 15 stories" in capsys.readouterr().out
     # An explicit --split validation is honoured: the hash-split side, here none of the 15 stories.
     with pytest.raises(SystemExit) as exit_info:

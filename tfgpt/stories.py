@@ -4,8 +4,9 @@ A *source* is one string (`--data SOURCE`), resolved like this:
 
 1. an existing local path:
    * a text file `.txt`, `.txt.xz`, `.txt.gz` in either TinyStories layout: stories separated by lines
-     reading `<|endoftext|>` (the raw `TinyStories-train.txt` layout; text after the last separator is a
-     cut-off story and is dropped), or stories separated by blank lines;
+     reading `<|endoftext|>` (the raw `TinyStories-train.txt` layout; text after the last separator is a story
+     too when it ends with a line break or closing punctuation, and a cut-off one, dropped, when it ends
+     mid-sentence, as a file cut at a byte count does), or stories separated by blank lines;
    * a `.jsonl` (`.jsonl.gz`, `.jsonl.xz`) or `.parquet` file with a `text` column;
    * a directory written by `datasets.save_to_disk` (a Dataset or a DatasetDict);
    * a directory holding any of the files above (searched recursively). Files whose name contains
@@ -329,7 +330,15 @@ def _iter_eot_layout(path: Path) -> Iterator[str]:
             parts.append(pieces[-1])
         else:
             parts.append(line)
-    # Whatever follows the last separator is a cut-off story: dropped.
+    tail = "".join(parts)
+    if tail.strip() and _ends_whole(tail):  # a last story without a separator after it: scored too
+        yield tail
+
+
+def _ends_whole(text: str) -> bool:
+    """Whether text after the last separator is a whole story: it ends with a line break or with closing
+    punctuation. A file cut at a byte count (the bundled 2 MiB head) ends mid-sentence: that tail is dropped."""
+    return text.endswith("\n") or text.rstrip().endswith((".", "!", "?", '"', "'", "\u201d", "\u2019"))
 
 
 def _iter_blank_layout(path: Path) -> Iterator[str]:
