@@ -25,6 +25,7 @@ from tfgpt.cli import (
     one_line_warnings,
     positive_int_arg,
     print_stories,
+    utf8_problem,
 )
 
 
@@ -42,6 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prompt is None:
         args.prompt = ["Once upon a time"]
+    for prompt in args.prompt:
+        if (problem := utf8_problem(prompt)) is not None:
+            parser.error(f"--prompt {prompt.encode('utf-8', 'surrogateescape')!r} is {problem}")
     if args.stream is None:
         args.stream = sys.stdout.isatty()
     if args.xla is None:  # measured on the shipped model: one 256-token story ends ~1.5 s sooner without XLA;
@@ -71,8 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as exc:  # stdin decodes strictly (a UTF-8 locale): report, read the next line
+            line = exc.object.decode("utf-8", "surrogateescape") if isinstance(exc.object, bytes) else "\udcff"
         if line.strip() in ("quit", "exit"):
             return 0
+        if (problem := utf8_problem(line)) is not None:
+            print(f"error: that prompt is {problem}; type it again", file=sys.stderr)
+            continue
         print_stories(model, tokenizer, [line], seed=seed, **settings)
         seed += args.num_samples
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -291,6 +292,7 @@ def test_load_model_from_a_run_directory(trained, tmp_path):
         (["--top-k", "-2"], "argument --top-k: must be an integer >= 0"),
         (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
         (["--model", "no/such/run"], "model path no/such/run does not exist"),
+        (["--prompt", os.fsdecode(b"Tom \xff\xfe")], r"--prompt b'Tom \\xff\\xfe' is not valid UTF-8 \(byte 0xff"),
     ],
 )
 def test_cli_rejects_bad_values_with_one_line(args, message, tmp_path):
@@ -329,3 +331,18 @@ def test_cli_prints_stories_batched_or_streamed(trained, monkeypatch, capsys):
         cli.main([])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: no model at {run / 'missing'}; train one")
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])  # stdin strict (a UTF-8 locale) or surrogateescape (C)
+def test_interactive_reports_a_line_that_is_not_utf8_and_carries_on(trained, tmp_path, locale):
+    run = trained[0]
+    env = {**os.environ, "LC_ALL": locale, "PYTHONUTF8": "0"}
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(run), "--interactive",
+                           "--max-new-tokens", "5", "--temperature", "0", "--no-xla", "--no-stream"],
+                          cwd=tmp_path, input=b"Tom \xff\xfe went\nTom went\nquit\n", capture_output=True,
+                          timeout=300, env=env)  # fmt: skip
+    err = [line for line in proc.stderr.decode().splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert err == ["error: that prompt is not valid UTF-8 (byte 0xff at character 4); pass UTF-8 text; "
+                   "type it again"]
+    assert proc.stdout.decode().count("Tom went") == 1  # the next prompt was answered

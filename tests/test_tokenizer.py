@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tfgpt.common import REPO_ROOT
 from tfgpt.data import load_stories
 from tfgpt.tokenizer import EOS_PIECE, Tokenizer, TokenizerError, main, train_tokenizer
 
@@ -127,6 +131,12 @@ def test_bad_tokenizer_files(tmp_path):
     with pytest.raises(TokenizerError, match="is not a SentencePiece model") as e:
         Tokenizer.load(tmp_path)
     assert "\n" not in str(e.value)
+    # the command the hint names exists: its --data/--out flags parse
+    hint = re.search(r"`python -m (\S+) (\S+) --data SOURCE --out DIR`", str(e.value))
+    assert hint is not None, str(e.value)
+    proc = subprocess.run([sys.executable, "-m", hint[1], hint[2], "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--data" in proc.stdout and "--out" in proc.stdout, proc.stderr
 
 
 def test_bad_training_requests(shared_stories, tmp_path):

@@ -31,6 +31,17 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why `text` (from the command line or stdin, where Python keeps undecodable bytes as lone surrogates) is
+    not valid UTF-8, or None when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start:exc.end].encode("utf-8", "surrogateescape")
+        return f"not valid UTF-8 (byte 0x{raw[0]:02x} at character {exc.start}); pass UTF-8 text"
+    return None
+
+
 def _number(kind: type, check: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:

@@ -97,7 +97,7 @@ class Tokenizer:
         except Exception:  # sentencepiece raises RuntimeError/OSError with a C++ message
             raise TokenizerError(
                 f"{self.path} is not a SentencePiece model (it does not parse as one); "
-                "train one with `python -m tfgpt.tokenizer train --data SOURCE --out DIR`"
+                "train one with `python -m tfgpt.data train-tokenizer --data SOURCE --out DIR`"
             ) from None
         self.vocab_size: int = int(self._sp.GetPieceSize())
         self.pad_id: int = int(self._sp.pad_id())
@@ -107,7 +107,7 @@ class Tokenizer:
         if min(self.unk_id, self.eos_id) < 0:
             raise TokenizerError(
                 f"{self.path} has no unk/eos pieces (unk={self.unk_id}, eos={self.eos_id}); "
-                "retrain it with `python -m tfgpt.tokenizer train`"
+                "retrain it with `python -m tfgpt.data train-tokenizer --data SOURCE --out DIR`"
             )
         self._special = frozenset(i for i in (self.pad_id, self.unk_id, self.bos_id, self.eos_id) if i >= 0)
         space_bytes = SP_SPACE.encode("utf-8")
@@ -143,7 +143,7 @@ class Tokenizer:
         if not model_path.is_file():
             raise TokenizerError(
                 f"no tokenizer at {model_path}; pass a directory holding {MODEL_FILE} or the .model file "
-                "(train one with `python -m tfgpt.tokenizer train --data SOURCE --out DIR`)"
+                "(train one with `python -m tfgpt.data train-tokenizer --data SOURCE --out DIR`)"
             )
         return cls(model_path.read_bytes(), model_path)
 
