@@ -346,3 +346,60 @@ def test_interactive_reports_a_line_that_is_not_utf8_and_carries_on(trained, tmp
     assert err == ["error: that prompt is not valid UTF-8 (byte 0xff at character 4); pass UTF-8 text; "
                    "type it again"]
     assert proc.stdout.decode().count("Tom went") == 1  # the next prompt was answered
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("empty", r"model.keras is empty; restore it, or retrain the run"),
+    ("truncated", r"model.keras is damaged \([\d,]+ bytes, not a zip archive\); restore it"),
+    ("config", r"config.json is not valid JSON \(Expecting .*\); restore it from the run or delete it"),
+])  # fmt: skip
+def test_a_damaged_run_is_one_error_line_and_left_as_it_is(trained, tmp_path, damage, message):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    if damage == "config":
+        (run / "config.json").write_text('{"model": {"vocab_size": 512,')
+    else:
+        model_file = run / "model.keras"
+        model_file.write_bytes(b"" if damage == "empty" else model_file.read_bytes()[:4000])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(run), "--no-xla"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {run}/"), proc.stderr
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_bare_keras_file_is_checked_against_its_runs_tokenizer(trained, tmp_path):
+    import shutil
+
+    from tfgpt.tokenizer import Tokenizer, train_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    config = json.loads((run / "config.json").read_text())
+    config["tokenizer_info"] = {"sha256": Tokenizer.load(run / "tokenizer").sha256}
+    (run / "config.json").write_text(json.dumps(config))
+    other = train_tokenizer([f"Zed and Ana saw {i} frogs by the pond today." for i in range(300)], 300,
+                            tmp_path / "other")
+    args = ["--no-xla", "--max-new-tokens", "4", "--temperature", "0", "--no-stream"]
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(run / "model.keras"),
+                           "--tokenizer", str(other.path.parent), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"is not the one {run} was trained with" in lines[0] and proc.stdout == ""
+
+    lone = tmp_path / "lone"  # no config.json beside it: it loads, and says the tokenizer is unverified
+    lone.mkdir()
+    shutil.copy(run / "model.keras", lone / "model.keras")
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(lone / "model.keras"),
+                           "--tokenizer", str(run / "tokenizer"), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"warning: tokenizer {run / 'tokenizer' / 'tokenizer.model'} is "
+                                                f"unverified: no config.json beside {lone / 'model.keras'} records "
+                                                "the tokenizer it was trained with"]
+    assert proc.stdout.startswith("Once upon a time")

@@ -71,10 +71,16 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
     if trained_with is None and explicit_tokenizer:
         print(f"warning: tokenizer {tokenizer.path} is unverified: no config.json beside {model_file} records the "
               "tokenizer it was trained with", file=sys.stderr)
+    import zipfile
+
+    if not zipfile.is_zipfile(model_file):  # Keras would say "File not found" for a file that is there
+        size = model_file.stat().st_size
+        raise RunError(f"{model_file} is {'empty' if size == 0 else f'damaged ({size:,} bytes, not a zip archive)'}"
+                       "; restore it, or retrain the run")
     try:
         model = keras.saving.load_model(model_file, compile=False)
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot load {model_file}: {str(exc).splitlines()[0]}") from None
+    except (ValueError, OSError, KeyError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
+        raise RunError(f"cannot load {model_file}: {str(exc).splitlines()[0]}; restore it, or retrain the run") from None
     if tokenizer.vocab_size > model.config.vocab_size:
         raise RunError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model only "
