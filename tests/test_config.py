@@ -15,7 +15,6 @@ GPT2_SMALL_PARAMS = 124_439_808  # Radford et al. 2019, V=50257, T=1024, tied em
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_load(name: str) -> None:
     cfg = GPTConfig.from_preset(name)
-    assert cfg == PRESETS[name]
     assert cfg.name == name
     assert cfg.d_ff == 4 * cfg.d_model  # d_ff=0 resolves to 4·D
     assert cfg.head_dim * cfg.n_heads == cfg.d_model
