@@ -308,6 +308,41 @@ def test_mixed_bfloat16_trains_with_float32_variables(corpus, tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
 
 
+def test_mixed_float16_training_follows_float32(corpus, tmp_path):
+    """The float16 path as `train` builds it (LossScaleOptimizer over AdamW with clipping): the same steps
+    move the weights as float32 does, up to float16 rounding; no step is lost to the loss scale."""
+    seen: dict[str, dict] = {}
+
+    class Weights(keras.callbacks.Callback):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+        def on_train_begin(self, logs=None):
+            seen[self.key] = {"start": [w.copy() for w in self.model.get_weights()]}
+
+        def on_train_end(self, logs=None):
+            seen[self.key]["end"] = [w.copy() for w in self.model.get_weights()]
+            seen[self.key]["optimizer"] = type(self.model.optimizer).__name__
+            seen[self.key]["iterations"] = int(self.model.optimizer.iterations.numpy())
+
+    for precision in ("float32", "mixed_float16"):
+        cfg = small_config(corpus, tmp_path / precision, precision=precision, epochs=1, max_steps=20, val_steps=2,
+                           dropout=0.0)
+        summary = train(cfg, extra_callbacks=[Weights(precision)])
+        assert summary["precision"] == precision and math.isfinite(summary["final_val_loss"])
+    f32, f16 = seen["float32"], seen["mixed_float16"]
+    assert f16["optimizer"] == "LossScaleOptimizer" and f32["optimizer"] == "AdamW"
+    assert f16["iterations"] == f32["iterations"] == 20  # no step skipped for an overflow
+    for a, b in zip(f32["start"], f16["start"], strict=True):
+        np.testing.assert_array_equal(a, b)  # the same initial weights
+    u32 = np.concatenate([(e - s).ravel() for s, e in zip(f32["start"], f32["end"], strict=True)])
+    u16 = np.concatenate([(e - s).ravel() for s, e in zip(f16["start"], f16["end"], strict=True)])
+    cos = float(u16 @ u32 / (np.linalg.norm(u16) * np.linalg.norm(u32)))
+    assert cos > 0.9 and 0.8 < np.linalg.norm(u16) / np.linalg.norm(u32) < 1.25, (cos, np.linalg.norm(u16),
+                                                                                  np.linalg.norm(u32))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "args, expected",
