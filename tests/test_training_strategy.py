@@ -112,6 +112,76 @@ def train_args(data: Path, tmp: Path, out: str, strategy: str) -> list[str]:
     ]  # fmt: skip
 
 
+MULTIWORKER_SGD = """
+import json, os, sys
+import numpy as np, tensorflow as tf
+from tfgpt.training import resolve_strategy
+strategy = resolve_strategy(sys.argv[2])  # first: MultiWorkerMirroredStrategy must come before other ops
+import keras
+from tfgpt.config import GPTConfig
+from tfgpt.training import WholeGradientMixin, compile_model, is_chief
+
+class SGD(WholeGradientMixin, keras.optimizers.SGD):
+    pass
+
+config = GPTConfig.from_preset("tiny", context=16, vocab_size=128)
+batches = np.random.default_rng(0).integers(0, 128, (3, 8, 17)).astype("int32")  # 3 steps, global B=8
+options = tf.data.Options()
+options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA  # as tfgpt.data
+dataset = tf.data.Dataset.from_tensor_slices((batches[..., :-1], batches[..., 1:])).with_options(options)
+out = {}
+for clip in (1e6, 0.05):
+    model = compile_model(config, strategy=strategy, precision="float32", xla=False, lr=0.5, seed=3,
+                          optimizer=lambda m: SGD(learning_rate=0.5, global_clipnorm=clip))
+    if os.path.exists(sys.argv[3]):  # the one-device run's initial weights
+        with np.load(sys.argv[3]) as z:
+            model.set_weights([z[f"w{i}"] for i in range(len(z.files))])
+    else:
+        np.savez(sys.argv[3], **{f"w{i}": w for i, w in enumerate(model.get_weights())})
+    start = [v.numpy() for v in model.trainable_variables]
+    model.fit(dataset, epochs=1, shuffle=False, verbose=0)
+    for i, (v, s) in enumerate(zip(model.trainable_variables, start)):
+        out[f"{clip}/{i}"] = v.numpy() - s
+if is_chief(strategy):
+    np.savez(sys.argv[1], replicas=strategy.num_replicas_in_sync, **out)
+"""
+
+
+def test_multiworker_sgd_steps_equal_one_device_steps(tmp_path):
+    """Plain SGD under a real two-process MultiWorkerMirroredStrategy: each variable's update equals the
+    one-device update on the same global batches (a sum instead of a mean doubles it; clipping each worker's
+    share on its own changes it)."""
+    initial = tmp_path / "initial.npz"  # the one-device run writes its initial weights; the workers load them
+    one = subprocess.run([sys.executable, "-c", MULTIWORKER_SGD, str(tmp_path / "one.npz"), "default",
+                          str(initial)], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    workers = []
+    try:
+        for index in range(2):
+            env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+            workers.append(subprocess.Popen([sys.executable, "-c", MULTIWORKER_SGD, str(tmp_path / "two.npz"),
+                                             "multiworker", str(initial)], cwd=REPO_ROOT, env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        deadline = time.monotonic() + 240
+        outputs = [w.communicate(timeout=max(1.0, deadline - time.monotonic())) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(timeout=30)
+    for w, (_, stderr) in zip(workers, outputs, strict=True):
+        assert w.returncode == 0, stderr[-3000:]
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert int(a["replicas"]) == 1 and int(b["replicas"]) == 2
+        keys = [k for k in a.files if k != "replicas"]
+        assert len(keys) > 20 and sorted(keys) == sorted(k for k in b.files if k != "replicas")
+        for k in keys:
+            scale = np.abs(a[k]).max()
+            assert scale > 0, k
+            assert np.abs(a[k] - b[k]).max() <= 1e-4 * scale, (k, np.abs(a[k] - b[k]).max(), scale)
+
+
 def test_multiworker_two_processes_match_one_process(tmp_path):
     """Two workers (TF_CONFIG, 127.0.0.1) train with the global batch split between them and end with the
     weights of one process; worker 0 writes the run directory and logs, worker 1 writes nothing."""
