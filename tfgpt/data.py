@@ -3,8 +3,7 @@
 Stories come from `tfgpt.stories` (sources and the train / dev / validation splits; `load_stories` and
 `DataError` are re-exported here).
 
-The token stream of a split is `eos s1 eos s2 eos ...` (uint16; uint32 when the vocabulary exceeds
-65535), built once per (source identity, tokenizer hash, split, split rule) into `cache_dir` and then
+The token stream of a split is `eos s1 eos s2 eos ...` (`_stream_dtype`: uint16 while every id fits), built once per (source identity, tokenizer hash, split, split rule) into `cache_dir` and then
 memory-mapped, so a second run starts instantly and a 2 GB corpus never sits in RAM.
 
 `make_dataset` cuts the stream into windows of context+1 tokens at offsets k·context and yields
@@ -51,6 +50,7 @@ CACHE_FORMAT = 1
 
 # =========================================================================================== token cache
 def _stream_dtype(tokenizer: Tokenizer) -> np.dtype:
+    """uint16 while every id fits (vocabularies of up to 65,536 ids), else uint32."""
     return np.dtype(np.uint16) if tokenizer.vocab_size <= 65536 else np.dtype(np.uint32)
 
 
@@ -93,7 +93,7 @@ def token_stream(
     (in-process for a single chunk or workers=1), appended to a temporary file, and renamed into place
     with a JSON index beside it. The key covers the source identity (paths + sizes + mtimes, or the
     dataset id + split + val_fraction), the tokenizer's hash, the split and the split rule; later calls
-    only map the file. dtype uint16 (uint32 when the vocabulary exceeds 65536 ids).
+    only map the file. dtype: `_stream_dtype`.
     """
     return _ensure_cache(source, tokenizer, split, cache_dir=cache_dir, val_fraction=val_fraction,
                          dev_fraction=dev_fraction, train_fraction=train_fraction, workers=workers,
@@ -173,7 +173,7 @@ def _encode_chunk(tokenizer: Tokenizer, stories: list[str]) -> tuple[bytes, int,
     for ids in tokenizer.encode_batch(stories):
         flat.extend(ids)
         flat.append(eos)
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    dtype = _stream_dtype(tokenizer)
     n_bytes = sum(len(s.encode("utf-8")) for s in stories)
     return np.asarray(flat, dtype=dtype).tobytes(), len(stories), len(flat), n_bytes
 

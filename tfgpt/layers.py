@@ -118,7 +118,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         context: int,
         d_model: int,
         position_encoding: str = "learned",
-        init_std: float = 0.02,
+        init_std: float = INIT_STD,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -275,7 +275,7 @@ class CausalSelfAttention(_ConfigLayer):
         batch, seq_len = ops.shape(x)[0], ops.shape(x)[1]
         qkv = ops.reshape(self.qkv(x), (batch, seq_len, 3, self.n_heads, self.head_dim))  # (B, T, 3, H, d_k)
         # unstack, not qkv[:, :, i]: strided-slice gradients each write a zero-filled copy of the whole
-        # tensor (16 % of a bf16 training step, bench/RESULTS.md); unstack's gradient is one stack.
+        # tensor (measured in bench/RESULTS.md); unstack's gradient is one stack.
         q, k, v = ops.unstack(qkv, 3, axis=2)  # each (B, T, H, d_k)
 
         dropout_active = bool(training) and self.config.attention_dropout > 0
@@ -351,7 +351,8 @@ class DecoderBlock(_ConfigLayer):
         x ← LN₂(x + FFN(x))
 
     MHA is `CausalSelfAttention`, FFN is `FeedForward`, all three built from the same `config`.
-    With a `cache` (this block's (K, V) pair), returns (x, updated cache).
+    With a `cache` (this block's attention cache: Kᵀ and V, see `CausalSelfAttention`), returns
+    (x, updated cache).
 
     Input (B, T, D) -> output (B, T, D).
     """

@@ -11,7 +11,7 @@ import keras
 from keras import ops
 
 from tfgpt.config import GPTConfig
-from tfgpt.layers import DecoderBlock, LayerNorm, TokenAndPositionEmbedding
+from tfgpt.layers import INIT_STD, DecoderBlock, LayerNorm, TokenAndPositionEmbedding
 
 
 @keras.saving.register_keras_serializable(package="tfgpt")
@@ -56,7 +56,7 @@ class GPT(keras.Model):
             else keras.layers.Dense(
                 c.vocab_size,
                 use_bias=False,
-                kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+                kernel_initializer=keras.initializers.RandomNormal(stddev=INIT_STD),
                 name="lm_head",
                 dtype=policy,
             )

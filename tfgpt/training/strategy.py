@@ -19,8 +19,7 @@ from tfgpt.training.optim import WarmupCosine, build_optimizer, next_token_loss
 
 #: What `--precision auto` / `--xla auto` resolve to on a CPU: the fastest combination measured with the
 #: fused kernels by `bench/train_throughput.py --only tfgpt-fp32-xla tfgpt-fp32 tfgpt-bf16-xla tfgpt-bf16`
-#: (bench-6m, B=32, T=256, 2 cores, one run, see bench/RESULTS.md): mixed_bfloat16 without XLA 5,651
-#: tokens/s, float32 3,539, float32 + XLA 3,025, bf16 + XLA 2,979. bf16 matmuls are fast here only through
+#: (figures in bench/RESULTS.md): mixed_bfloat16 without XLA. bf16 matmuls are fast here only through
 #: oneDNN: XLA's CPU dot does not use AMX for bfloat16.
 CPU_AUTO_PRECISION = "mixed_bfloat16"
 CPU_AUTO_XLA = False
