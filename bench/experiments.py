@@ -54,6 +54,19 @@ TABLE_BEGIN, TABLE_END = "<!-- table: bench/experiments.py table -->", "<!-- end
 FIT_BEGIN, FIT_END = "<!-- fit: bench/experiments.py table -->", "<!-- end of fit -->"
 #: The data-scaling group: the same recipe and compute on 12.5 %, 25 %, 50 % and 100 % of the training stories.
 DATA_SCALING = ("s6-f12-do1", "s6-f25", "s6-f50", "s6")
+#: The table's groups, in order (runs in no group come last, by name).
+GROUPS = {
+    "size": ("s3", "s6", "s12"), "lr": ("s6-lr2e-3",), "2x budget": ("s6-2x", "s12-2x"),
+    "repeated data, dropout": ("s6-f12-do1", "s6-f12-do2"), "data scaling": ("s6-f25", "s6-f50"),
+    "ablation": ("s6-post", "s6-sin"), "gpt2-small": ("gpt2-small", "gpt2-small-curve"),
+}
+
+
+def ordered(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(group, record) pairs in the order of GROUPS."""
+    place = {name: (i, j, group) for i, (group, names) in enumerate(GROUPS.items()) for j, name in enumerate(names)}
+    keyed = sorted(records, key=lambda r: (*place.get(r["name"], (len(GROUPS), 0, ""))[:2], r["name"]))
+    return [(place.get(r["name"], (0, 0, "other"))[2], r) for r in keyed]
 
 
 def flops_per_token(model: dict[str, Any]) -> float:
@@ -235,33 +248,57 @@ def fit_text(group: list[dict[str, Any]], fit: tuple[float, float, float] | None
 
 def plots(records: list[dict[str, Any]], group: list[dict[str, Any]], fit: tuple[float, float, float] | None,
           out_dir: Path) -> list[Path]:
-    """dev_curves.png and (with a fit) data_scaling.png under out_dir; returns the paths written."""
+    """dev_curves.png (the T=256 runs), gpt2_small.png (larger runs with a train curve) and, with a fit,
+    data_scaling.png under out_dir; returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    for i, r in enumerate(records):
-        color = f"C{i % 10}"
-        to_bpb = r["dev_tokens"] / r["dev_bytes"] / math.log(2)
-        tokens_per_step = r["tokens"] / max(r["steps"], 1)
-        if r["curve"]:
-            ax.plot([s * tokens_per_step / 1e6 for s, _ in r["curve"]], [v * to_bpb for _, v in r["curve"]], color=color,
-                    alpha=0.35, linewidth=1)
-        ax.plot([e["tokens"] / 1e6 for e in r["evals"]], [e["dev_bpb"] for e in r["evals"]], "o-", color=color,
-                label=f"{r['name']} ({r['parameters'] / 1e6:.1f} M)", markersize=4)
-    ax.set_xlabel("tokens seen (millions)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title("Dev bits/byte (markers) and train loss in bits/byte (faint lines)")
-    best = min(r["best_dev_bpb"] for r in records)
-    ax.set_ylim(best - 0.05, best + 0.6)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    written.append(_save(fig, out_dir / "dev_curves.png"))
-    plt.close(fig)
+    small = [r for r in records if r["model"]["context"] == 256 and r["parameters"] < 50e6]
+    big = [r for r in records if r not in small]
+    if small:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), dpi=120, sharey=True)
+        for i, r in enumerate(small):
+            color, to_bpb = f"C{i % 10}", r["dev_tokens"] / r["dev_bytes"] / math.log(2)
+            tokens_per_step = r["tokens"] / max(r["steps"], 1)
+            minutes_per_step = r["train_minutes"] / max(r["steps"], 1)
+            for ax, per_step, scale in ((axes[0], tokens_per_step, 1e6), (axes[1], minutes_per_step, 1)):
+                if r["curve"]:
+                    ax.plot([s * per_step / scale for s, _ in r["curve"]], [v * to_bpb for _, v in r["curve"]],
+                            color=color, alpha=0.3, linewidth=1)
+                ax.plot([e["step"] * per_step / scale for e in r["evals"]], [e["dev_bpb"] for e in r["evals"]],
+                        "o-", color=color, markersize=4, label=f"{r['name']} ({r['parameters'] / 1e6:.1f} M)")
+        axes[0].set_xlabel("tokens seen (millions)")
+        axes[1].set_xlabel("training minutes (2 CPU cores)")
+        axes[0].set_ylabel("bits per byte")
+        best = min(r["best_dev_bpb"] for r in small)
+        axes[0].set_ylim(best - 0.05, best + 0.55)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7, ncol=2)
+        fig.suptitle("Dev bits/byte at each epoch end (markers); train loss in bits/byte (faint, running mean)",
+                     fontsize=10)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "dev_curves.png"))
+        plt.close(fig)
+    if any(r["curve"] for r in big):
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+        for i, r in enumerate(r for r in big if r["curve"]):
+            to_bpb = r["dev_tokens"] / r["dev_bytes"] / math.log(2)
+            ax.plot([s for s, _ in r["curve"]], [v * to_bpb for _, v in r["curve"]], "o-", color=f"C{i}",
+                    markersize=3, label=f"{r['name']} train ({r['parameters'] / 1e6:.0f} M, "
+                                        f"{r['tokens_per_sec']:,.0f} tokens/s)")
+            ax.plot([e["step"] for e in r["evals"]], [e["dev_bpb"] for e in r["evals"]], "s", color=f"C{i}",
+                    label=f"{r['name']} dev")
+        ax.set_xlabel("optimizer step (8 x 1024 tokens)")
+        ax.set_ylabel("bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "gpt2_small.png"))
+        plt.close(fig)
     if fit is not None:
         e, a, alpha = fit
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -295,12 +332,12 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    rows = ["| run | what differs | params | tokens | epochs | min | tok/s | best dev bpb (step) | final dev bpb "
-            "| test bpb |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in records:
+    rows = ["| group | run | what differs | params | tokens | epochs | train min | tok/s | best dev bpb (step) "
+            "| final dev bpb | test bpb |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for group, r in ordered(records):
         test = f"{r['test_bpb']:.4f}" if "test_bpb" in r else "-"
-        rows.append(f"| {r['name']} | {r['note']} | {r['parameters'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | "
+        rows.append(f"| {group} | {r['name']} | {r['note']} | {r['parameters'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | "
                     f"{r['epochs']:.2f} | {r['train_minutes']:.1f} | {r['tokens_per_sec']:,.0f} | "
                     f"{r['best_dev_bpb']:.4f} ({r['best_step']}) | {r['final_dev_bpb']:.4f} | {test} |")
     return "\n".join(rows)
