@@ -52,6 +52,23 @@ def test_no_import_circles_in_the_package():
         if node not in state:
             visit(node, [])
     assert "tfgpt.data" not in graph["tfgpt.tokenizer"] and "tfgpt.generation" not in graph["tfgpt.runs"]
+    # the floors are one-way: run directories (tfgpt.runs) know nothing of training
+    assert not {t for t in graph["tfgpt.runs"] if t.startswith("tfgpt.training")}
+
+
+def test_training_names_are_listed_where_an_ide_sees_them():
+    """tfgpt.training's lazy names: each in __all__, imported under TYPE_CHECKING, and found where _LAZY says."""
+    import importlib
+
+    import tfgpt.training as training
+
+    tree = ast.parse((PACKAGE / "training" / "__init__.py").read_text())
+    typed = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.If)
+             for sub in node.body if isinstance(sub, ast.ImportFrom) for a in sub.names}
+    lazy = set(training._WHERE)
+    assert lazy <= set(training.__all__) and lazy == typed
+    for name, module in training._WHERE.items():
+        assert hasattr(importlib.import_module(module), name), (name, module)
 
 
 def test_no_module_over_600_lines():

@@ -14,15 +14,15 @@ import tensorflow as tf
 from tfgpt.config import GPTConfig
 from tfgpt.model import build_model
 from tfgpt.runs import (
+    RunError,
     RunState,
     backup_path,
-    find_run,
     load_backup,
     read_backup_meta,
     save_backup,
     write_run_file,
 )
-from tfgpt.training import TrainConfig, TrainConfigError, compile_model
+from tfgpt.training import TrainConfig, TrainConfigError, compile_model, find_run
 
 
 def tiny_model(seed: int = 0, **overrides):
@@ -56,9 +56,9 @@ def test_backup_round_trip_restores_model_optimizer_and_state(tmp_path):
 def test_backup_of_another_model_is_refused(tmp_path):
     path = tmp_path / "state.npz"
     save_backup(path, tiny_model(), RunState(), "x")
-    with pytest.raises(TrainConfigError, match="has shape .* use another --run-name"):
+    with pytest.raises(RunError, match="has shape .* use another --run-name"):
         load_backup(path, tiny_model(d_model=32, n_heads=2))
-    with pytest.raises(TrainConfigError, match="holds .* model variables, this model has"):
+    with pytest.raises(RunError, match="holds .* model variables, this model has"):
         load_backup(path, tiny_model(n_layers=1))
 
 

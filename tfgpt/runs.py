@@ -4,7 +4,8 @@ A run directory (`runs/<name>/`, written by `tfgpt.training`) holds `config.json
 tokenizer path, the model config), `metrics.json`, `model.keras` (weights of the best validation epoch),
 `backup/state.npz` (model + optimizer + `RunState`: what a killed run resumes from) and, once exported,
 `saved_model/`. `load_model(run_dir)` gives back (model, tokenizer); `generate.py`, `evaluate.py`,
-`python -m tfgpt.export` and the report load runs through it.
+`python -m tfgpt.export` and the report load runs through it. Which run a training job continues is
+`tfgpt.training.resume`'s business: this module knows files, not training settings.
 """
 
 from __future__ import annotations
@@ -202,78 +203,43 @@ def read_backup_meta(path: str | Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def _reading_backup(path: str | Path) -> Iterator[None]:
     """Turn what a truncated or damaged backup raises (zip, zlib, EOF, a missing or bad meta entry) into one
-    TrainConfigError line that says what to do."""
+    RunError line that says what to do."""
     import zipfile
     import zlib
 
-    from tfgpt.training.config import TrainConfigError
-
     try:
         yield
-    except TrainConfigError:
+    except RunError:
         raise
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainConfigError(
+        raise RunError(
             f"backup {path} is damaged ({reason}); delete {Path(path).parent} to train the run again from "
             "step 0, or choose another --run-name"
         ) from None
 
 
 def load_backup(path: str | Path, model: Any) -> RunState:
-    """Restore what `save_backup` wrote into a compiled model (optimizer built); returns the state."""
-    from tfgpt.training.config import TrainConfigError
-
+    """Restore what `save_backup` wrote into a compiled model (optimizer built); returns the state.
+    RunError when the backup is damaged or belongs to another configuration."""
     with _reading_backup(path), np.load(path) as z:
         meta = json.loads(bytes(z["meta"]).decode())
         for prefix, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
             n_saved = sum(1 for k in z.files if k.startswith(prefix + "/"))
             if n_saved != len(variables):
-                raise TrainConfigError(
+                raise RunError(
                     f"backup {path} holds {n_saved} {prefix} variables, this model has {len(variables)}; "
                     "it belongs to another configuration: use another --run-name"
                 )
             for i, v in enumerate(variables):
                 value = z[f"{prefix}/{i}"]
                 if tuple(value.shape) != tuple(v.shape):
-                    raise TrainConfigError(
+                    raise RunError(
                         f"backup {path}: {prefix} variable {v.path} has shape {value.shape}, expected "
                         f"{tuple(v.shape)}; use another --run-name"
                     )
                 v.assign(value)
     return RunState.from_dict(meta["state"])
-
-
-def find_run(cfg: Any, resume: bool | None) -> Path | None:
-    """The backup to continue the run of `cfg` (a TrainConfig) from, or None for a new run.
-
-    `resume`: None continues runs/<run>/ when it holds a backup made with the same settings (a rerun of the
-    same command), True requires such a backup, False refuses an existing one. Raises TrainConfigError.
-    """
-    from tfgpt.training.config import TrainConfigError, config_differences
-
-    run_dir = cfg.run_dir
-    config_path = run_dir / "config.json"
-    backup = backup_path(run_dir)
-    if not backup.is_file():
-        if resume:
-            raise TrainConfigError(
-                f"--resume: {run_dir} has no backup to resume from ({backup} is missing); start it without --resume"
-            )
-        return None
-    if resume is False:
-        raise TrainConfigError(f"{run_dir} already holds a backup; choose another --run-name")
-    if read_backup_meta(backup).get("identity") != cfg.identity_hash():
-        try:
-            saved = (read_run_config(run_dir) or {}).get("train") or {}
-        except RunError as exc:
-            raise TrainConfigError(str(exc)) from None
-        diffs = config_differences(saved, cfg) if saved else ["(config.json missing)"]
-        raise TrainConfigError(
-            f"{run_dir} holds a run with different settings ({'; '.join(diffs[:4])}); "
-            f"rerun with its settings (--config {config_path}) or choose another --run-name"
-        )
-    return backup
 
 
 def write_run_file(run_dir: str | Path, name: str, record: dict[str, Any]) -> None:

@@ -20,8 +20,10 @@ Modules, in the order a run uses them:
   optim      loss, AdamW (dense, globally clipped gradients), weight-decay exclusion, WarmupCosine
   strategy   tf.distribute strategy, precision, XLA; compile_model (the one model set-up)
   callbacks  RunMonitor, StepTensorBoard, BestModelCheckpoint, StateBackup
+  resume     which run a job continues: find_run, a finished run, a changed tokenizer refused
   job        train(): the steps of a run, each a function
-Run directories (backups, RunState, config.json, finding a run to resume) live in `tfgpt.runs`.
+Run directories on disk (backups, RunState, config.json) are `tfgpt.runs`, a floor below this package:
+`tfgpt.runs` never imports `tfgpt.training`.
 
 `import tfgpt.training` and `tfgpt.training.config` do not import TensorFlow; the other names load
 their module on first use.
@@ -30,7 +32,7 @@ their module on first use.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tfgpt.training.config import (
     DEFAULT_WARMUP,
@@ -51,15 +53,43 @@ _LAZY = {
                  "resolve_precision", "resolve_xla", "strategy_kind", "is_chief", "on_cpu"),
     "callbacks": ("RunMonitor", "StepTensorBoard", "BestModelCheckpoint", "StateBackup"),
     "job": ("train", "fit_plan", "HubUnavailableError", "SAMPLE_PROMPTS"),
+    "resume": ("find_run",),
 }
-_RUNS = ("RunState", "save_backup", "load_backup", "read_backup_meta", "BACKUP_FILE")
 _WHERE = {name: f"tfgpt.training.{module}" for module, names in _LAZY.items() for name in names}
-_WHERE.update({name: "tfgpt.runs" for name in _RUNS})
 
-__all__ = [
+if TYPE_CHECKING:  # what the lazy names are, for IDEs and type checkers (importing them needs TensorFlow)
+    from tfgpt.training.callbacks import BestModelCheckpoint, RunMonitor, StateBackup, StepTensorBoard
+    from tfgpt.training.job import SAMPLE_PROMPTS, HubUnavailableError, fit_plan, train
+    from tfgpt.training.optim import (
+        AdamW,
+        WarmupCosine,
+        WholeGradientMixin,
+        build_optimizer,
+        next_token_loss,
+        no_decay_variables,
+    )
+    from tfgpt.training.resume import find_run
+    from tfgpt.training.strategy import (
+        CPU_AUTO_PRECISION,
+        CPU_AUTO_XLA,
+        MultiWorkerStrategy,
+        compile_model,
+        is_chief,
+        on_cpu,
+        resolve_precision,
+        resolve_strategy,
+        resolve_xla,
+        strategy_kind,
+    )
+
+__all__ = [  # the names of _LAZY are listed too (a test checks they agree)
     "DEFAULT_WARMUP", "PRECISIONS", "RUN_CONTROL_FIELDS", "STRATEGIES", "TrainConfig", "TrainConfigError",
-    "TrainingError", "config_differences", "settings_from_flags", *_WHERE,
-]  # fmt: skip
+    "TrainingError", "config_differences", "settings_from_flags", "WarmupCosine", "AdamW", "WholeGradientMixin",
+    "build_optimizer", "next_token_loss", "no_decay_variables", "CPU_AUTO_PRECISION", "CPU_AUTO_XLA",
+    "MultiWorkerStrategy", "compile_model", "resolve_strategy", "resolve_precision", "resolve_xla", "strategy_kind",
+    "is_chief", "on_cpu", "RunMonitor", "StepTensorBoard", "BestModelCheckpoint", "StateBackup", "train",
+    "fit_plan", "HubUnavailableError", "SAMPLE_PROMPTS", "find_run",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,6 @@ Symbols: B = global batch size, T = context, S = steps per epoch = ⌊(N−1)/T�
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -25,13 +24,11 @@ from tfgpt.data import DataError, make_dataset, steps_per_epoch, token_stream
 from tfgpt.model import GPT
 from tfgpt.runs import (
     PINNED_TOKENIZER,
+    RunError,
     RunState,
     backup_path,
-    find_run,
     load_backup,
     pin_tokenizer,
-    read_backup_meta,
-    recorded_tokenizer_hash,
     write_run_file,
 )
 from tfgpt.stories import looks_like_path
@@ -39,6 +36,7 @@ from tfgpt.tokenizer import Tokenizer
 from tfgpt.training.callbacks import BestModelCheckpoint, RunMonitor, StateBackup, StepTensorBoard
 from tfgpt.training.config import TrainConfig, TrainConfigError, TrainingError
 from tfgpt.training.optim import WarmupCosine
+from tfgpt.training.resume import check_resume_tokenizer, find_run, finished_result
 from tfgpt.training.strategy import (
     compile_model,
     is_chief,
@@ -218,29 +216,6 @@ class Callbacks:
 
 
 # =========================================================================== the steps of `train`
-def check_resume_tokenizer(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
-    """Refuse to resume a run whose tokenizer (at the configured path) changed since it started: its weights
-    belong to the ids of the old one (kept in runs/<run>/tokenizer/)."""
-    trained_with = recorded_tokenizer_hash(cfg.run_dir)
-    if trained_with is not None and tokenizer.sha256 != trained_with:
-        raise TrainConfigError(
-            f"the tokenizer at {cfg.tokenizer} (sha256 {tokenizer.sha256[:12]}) is not the one {cfg.run_dir} was "
-            f"trained with (sha256 {trained_with[:12]}); put that one back (a copy is in "
-            f"{cfg.run_dir / PINNED_TOKENIZER}) to resume, or start a new run with another --run-name"
-        )
-
-
-def finished_result(cfg: TrainConfig, backup_file: Path, notify: Callable[[str], None]) -> dict[str, Any] | None:
-    """The summary of a run that is already complete (nothing to do), else None."""
-    prior = RunState.from_dict(read_backup_meta(backup_file)["state"])
-    if not prior.finished:
-        return None
-    notify(f"{cfg.run_dir} is already complete ({prior.global_step} steps, {prior.status}); nothing to do. "
-           "Choose another --run-name to train again.")
-    metrics = cfg.run_dir / "metrics.json"
-    return json.loads(metrics.read_text()) if metrics.is_file() else {"status": prior.status}
-
-
 def validation_text(cfg: TrainConfig) -> str:
     """What the run validates on, for config.json."""
     if cfg.dev_fraction:
@@ -310,7 +285,10 @@ def restore(job: Job, backup_file: Path | None) -> None:
     """Continue from the backup, if any: weights, optimizer, position and history."""
     if backup_file is None:
         return
-    job.state = load_backup(backup_file, job.model)
+    try:
+        job.state = load_backup(backup_file, job.model)
+    except RunError as exc:
+        raise TrainConfigError(str(exc)) from None
     job.resumed_from = job.state.global_step
     if job.state.status != "early_stopped":  # an early-stopped run has nothing left to train
         job.state.status = "running"
