@@ -196,7 +196,7 @@ class CausalSelfAttention(_ConfigLayer):
 
         [Q | K | V] = x W_QKV + b_QKV            (one fused projection, W_QKV ∈ ℝ^{D×3D})
         head_h = Attention(Q_h, K_h, V_h) = softmax(Q_h K_hᵀ / √d_k + M) V_h,   h = 1 … H
-        y = Concat(head_1, …, head_H) W_O + b_O
+        MHA(x) = Dropout(Concat(head_1, …, head_H) W_O + b_O)
 
     The heads are folded into the batch: Q and V are laid out (B·H, T, d_k) and K as Kᵀ (B·H, d_k, T),
     so QKᵀ and PV are plain 3-D batched matmuls (a transposed operand, or a 4-D one that XLA reshapes,
@@ -204,7 +204,8 @@ class CausalSelfAttention(_ConfigLayer):
     M_ij = 0 where key j ≤ query i, masked otherwise; the scale 1/√d_k, the mask and the float32
     softmax are one fused kernel (`kernels.masked_softmax`: masked scores become the most negative
     float32, so nothing overflows in half precision and masked keys get probability exactly 0).
-    Dropout (rate `config.attention_dropout`) is applied to the attention probabilities. With a static
+    Dropout: rate `config.attention_dropout` on the attention probabilities (nanoGPT's `attn_dropout`),
+    rate `config.dropout` on the output (the residual dropout, nanoGPT's `resid_dropout`). With a static
     T divisible by `QUERY_BLOCKS`, the queries are cut into row blocks and block i attends only to the
     keys it can see, skipping the fully masked upper-right blocks of the (T, T) score matrix.
 
@@ -233,6 +234,7 @@ class CausalSelfAttention(_ConfigLayer):
             dtype=self.dtype_policy,
         )
         self.probs_dropout = keras.layers.Dropout(c.attention_dropout, dtype=self.dtype_policy)
+        self.resid_dropout = keras.layers.Dropout(c.dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape: tuple) -> None:
         self.qkv.build(input_shape)
@@ -281,7 +283,8 @@ class CausalSelfAttention(_ConfigLayer):
         dropout_active = bool(training) and self.config.attention_dropout > 0
         if self.config.fast_attention and cache is None and not dropout_active:
             y = ops.dot_product_attention(q, k, v, is_causal=True)
-            return self.out_proj(ops.reshape(y, (batch, seq_len, self.d_model)))
+            y = self.out_proj(ops.reshape(y, (batch, seq_len, self.d_model)))
+            return self.resid_dropout(y, training=training)
 
         rows = batch * self.n_heads
         q = ops.reshape(ops.transpose(q, (0, 2, 1, 3)), (rows, seq_len, self.head_dim))  # (B·H, T, d_k)
@@ -301,7 +304,7 @@ class CausalSelfAttention(_ConfigLayer):
 
         y = ops.reshape(y, (batch, self.n_heads, seq_len, self.head_dim))
         y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (batch, seq_len, self.d_model))  # Concat(head_1..H)
-        y = self.out_proj(y)
+        y = self.resid_dropout(self.out_proj(y), training=training)
         return y if cache is None else (y, cache)
 
 
@@ -343,14 +346,15 @@ class FeedForward(_ConfigLayer):
 class DecoderBlock(_ConfigLayer):
     """One decoder block: self-attention and feed-forward sub-layers with residual connections.
 
-    Pre-LN (GPT-2, `norm_position="pre"`):
-        x ← x + Dropout(MHA(LN₁(x)))
+    Pre-LN (GPT-2, `norm_position="pre"`), as nanoGPT's `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`:
+        x ← x + MHA(LN₁(x))
         x ← x + FFN(LN₂(x))
-    Post-LN (Vaswani et al., `norm_position="post"`):
-        x ← LN₁(x + Dropout(MHA(x)))
+    Post-LN (Vaswani et al., `norm_position="post"`, `_post_ln`):
+        x ← LN₁(x + MHA(x))
         x ← LN₂(x + FFN(x))
 
-    MHA is `CausalSelfAttention`, FFN is `FeedForward`, all three built from the same `config`.
+    MHA is `CausalSelfAttention`, FFN is `FeedForward` (each ends in its residual dropout), built from the
+    same `config`.
     With a `cache` (this block's attention cache: Kᵀ and V, see `CausalSelfAttention`), returns
     (x, updated cache).
 
@@ -364,7 +368,6 @@ class DecoderBlock(_ConfigLayer):
         policy = self.dtype_policy
         self.ln_1 = LayerNorm(c.layer_norm_epsilon, name="ln_1", dtype=policy)
         self.attn = CausalSelfAttention(c, name="attn", dtype=policy)
-        self.attn_dropout = keras.layers.Dropout(c.dropout, dtype=policy)
         self.ln_2 = LayerNorm(c.layer_norm_epsilon, name="ln_2", dtype=policy)
         self.ffn = FeedForward(c, name="ffn", dtype=policy)
 
@@ -372,18 +375,22 @@ class DecoderBlock(_ConfigLayer):
         for layer in (self.ln_1, self.attn, self.ln_2, self.ffn):
             layer.build(input_shape)
 
-    def _attention(self, x, training, cache, cache_index):
+    def mha(self, x, training, cache, cache_index):
+        """(MHA(x), updated cache): one return type, with or without a cache (None without one)."""
         if cache is None:
             return self.attn(x, training=training), None
         return self.attn(x, training=training, cache=cache, cache_index=cache_index)
 
     def call(self, x, training=None, cache=None, cache_index=None):
-        if self.norm_position == "pre":
-            a, cache = self._attention(self.ln_1(x), training, cache, cache_index)
-            x = x + self.attn_dropout(a, training=training)
-            x = x + self.ffn(self.ln_2(x), training=training)
-        else:
-            a, cache = self._attention(x, training, cache, cache_index)
-            x = self.ln_1(x + self.attn_dropout(a, training=training))
-            x = self.ln_2(x + self.ffn(x, training=training))
+        if self.norm_position == "post":
+            return self._post_ln(x, training, cache, cache_index)
+        a, cache = self.mha(self.ln_1(x), training, cache, cache_index)
+        x = x + a
+        x = x + self.ffn(self.ln_2(x), training=training)
+        return x if cache is None else (x, cache)
+
+    def _post_ln(self, x, training, cache, cache_index):
+        a, cache = self.mha(x, training, cache, cache_index)
+        x = self.ln_1(x + a)
+        x = self.ln_2(x + self.ffn(x, training=training))
         return x if cache is None else (x, cache)

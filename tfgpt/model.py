@@ -75,25 +75,21 @@ class GPT(keras.Model):
         self.built = True
 
     # ----------------------------------------------------------------- forward
-    def _head(self, h):
-        """(B, T, D) -> float32 logits (B, T, V)."""
-        if self.final_norm is not None:
-            h = self.final_norm(h)
+    def _logits(self, h):
+        """Final hidden states (after LN_f) (B, T, D) -> float32 logits (B, T, V): h E^T (tied) or the lm_head."""
         logits = self.lm_head(h) if self.lm_head is not None else self.embedding.project(h)
         return ops.cast(logits, "float32")
 
     def hidden_states(self, token_ids, training=None):
         """Final hidden states LN_f(h_L) (pre-LN) or h_L (post-LN): (B, T) -> (B, T, D)."""
-        x = self.embedding_dropout(self.embedding(token_ids), training=training)
+        x = self.embedding_dropout(self.embedding(token_ids), training=training)  # h_0
         for block in self.blocks:
-            x = block(x, training=training)
+            x = block(x, training=training)  # h_l = DecoderBlock_l(h_{l-1})
         return self.final_norm(x) if self.final_norm is not None else x
 
     def call(self, token_ids, training=None):
-        x = self.embedding_dropout(self.embedding(token_ids), training=training)
-        for block in self.blocks:
-            x = block(x, training=training)
-        return self._head(x)
+        """(B, T) token ids -> float32 logits (B, T, V)."""
+        return self._logits(self.hidden_states(token_ids, training=training))
 
     # ------------------------------------------------------- key/value cache
     def init_cache(self, batch_size, length=None, dtype: str | None = None) -> list:
@@ -119,7 +115,9 @@ class GPT(keras.Model):
         for block, cache in zip(self.blocks, caches, strict=True):
             x, cache = block(x, cache=tuple(cache), cache_index=cache_index)
             new_caches.append(cache)
-        return self._head(x), new_caches
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self._logits(x), new_caches
 
     # ----------------------------------------------------------- serialising
     def get_config(self) -> dict:
