@@ -59,7 +59,7 @@ EPOCH_CAP = 1000
 DATA_SCALING = ("s6-f12-do1", "s6-f25", "s6-f50", "s6")
 #: The table's groups, in order (runs in no group come last, by name).
 GROUPS = {
-    "size": ("s3", "s6", "s12"), "lr": ("s6-lr2e-3",), "2x budget": ("s6-2x", "s12-2x"),
+    "size": ("s3", "s6", "s12"), "lr": ("s6-lr2e-3", "s12-lr2e-3"), "2x budget": ("s6-2x", "s12-2x"),
     "repeated data, dropout": ("s6-f12-do1", "s6-f12-do2"), "data scaling": ("s6-f25", "s6-f50"),
     "ablation": ("s6-post", "s6-sin"), "gpt2-small": ("gpt2-small", "gpt2-small-curve"),
 }

@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from tfgpt.common import BUNDLED_DATA, atomic_file, atomic_write
+from tfgpt.common import BUNDLED_DATA, HF_SOURCE, atomic_file, atomic_write
 from tfgpt.stories import (  # noqa: F401  (re-exported: the data front door)
-    DEFAULT_SOURCE,
     SPLITS,
     DataError,
     ResolvedSource,
@@ -387,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--dev-fraction", type=float, default=0.0,
                          help="leave out the dev split of the train stories (as train_keras.py --dev-fraction does)")
     for p in (p_tok, p_train):
-        p.add_argument("--data", default=DEFAULT_SOURCE,
+        p.add_argument("--data", default=HF_SOURCE,
                        help=f"HF dataset id, directory, or text file (offline: {BUNDLED_DATA})")
         p.add_argument("--val-fraction", type=float, default=0.05,
                        help="held-out fraction when the source has no validation split")

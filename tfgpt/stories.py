@@ -47,7 +47,6 @@ from typing import Any
 
 from tfgpt.common import BUNDLED_DATA, EOT, HF_SOURCE
 
-DEFAULT_SOURCE = HF_SOURCE
 SPLITS = ("train", "dev", "validation", "all")
 _SPLIT_ALIASES = {"train": "train", "dev": "dev", "validation": "validation", "valid": "validation", "val": "validation",
                   "all": "all"}
@@ -80,7 +79,7 @@ class ResolvedSource:
 
 
 def load_stories(
-    source: str = DEFAULT_SOURCE,
+    source: str = HF_SOURCE,
     split: str = "train",
     *,
     val_fraction: float = 0.05,
@@ -188,7 +187,7 @@ def _resolve_source(source: str, split: str, *, val_fraction: float, streaming: 
         return _resolve_files(path, [path], split, val_fraction, is_dir=False)
     if looks_like_path(source):
         raise DataError(f"data path {source} does not exist; pass an existing file/directory or a "
-                        f"Hugging Face dataset id such as {DEFAULT_SOURCE}")
+                        f"Hugging Face dataset id such as {HF_SOURCE}")
     return _resolve_hub(source, split, val_fraction, streaming)
 
 

@@ -17,7 +17,6 @@ from tfgpt.stories import looks_like_path
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
-DEFAULT_DATA_SOURCE = HF_SOURCE
 
 #: The warm-up of a run of at least 10·DEFAULT_WARMUP steps when --warmup is not given; shorter runs warm up
 #: for 10 % of their steps.
@@ -93,7 +92,7 @@ class TrainConfig:
     """
 
     preset: str = "cpu-small"
-    data: str = DEFAULT_DATA_SOURCE
+    data: str = HF_SOURCE
     val_data: str | None = None
     tokenizer: str = "tokenizer"
     epochs: int = 5
