@@ -19,7 +19,7 @@ a safety stop at 1.5x.
 
 Dev bits per byte = dev loss (nats per token) / ln 2 x tokens / UTF-8 bytes of the dev stories (non-overlapping
 T-token windows, as `model.fit` validates). Test bits per byte is `evaluate.py` on the 589 validation stories
-(sliding windows, stride T/2, so each token sees more context: a little lower than the same model's dev figure).
+(sliding windows, stride T/2; V1 stories only, so not the dev split's mix: compare test with test only).
 
 `table` also draws `runs/experiments/dev_curves.png` (dev bits/byte against tokens seen, each run's train curve
 beside it) and `runs/experiments/data_scaling.png` (the runs named in DATA_SCALING against their share of the
