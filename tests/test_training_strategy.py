@@ -112,6 +112,28 @@ def train_args(data: Path, tmp: Path, out: str, strategy: str) -> list[str]:
     ]  # fmt: skip
 
 
+def run_two_workers(command_of, timeout: float) -> list[str]:
+    """Start `command_of(index)` as workers 0 and 1 of a TF_CONFIG cluster on 127.0.0.1, wait for both (killing
+    what is left at `timeout`), assert both exited 0 and return their stdouts."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    workers = []
+    try:
+        for index in range(2):
+            env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+            workers.append(subprocess.Popen(command_of(index), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True))  # fmt: skip
+        deadline = time.monotonic() + timeout
+        outputs = [w.communicate(timeout=max(1.0, deadline - time.monotonic())) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(timeout=30)
+    for w, (_, stderr) in zip(workers, outputs, strict=True):
+        assert w.returncode == 0, stderr[-3000:]
+    return [out for out, _ in outputs]
+
+
 MULTIWORKER_SGD = """
 import json, os, sys
 import numpy as np, tensorflow as tf
@@ -155,23 +177,8 @@ def test_multiworker_sgd_steps_equal_one_device_steps(tmp_path):
     one = subprocess.run([sys.executable, "-c", MULTIWORKER_SGD, str(tmp_path / "one.npz"), "default",
                           str(initial)], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
-    workers = []
-    try:
-        for index in range(2):
-            env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-            workers.append(subprocess.Popen([sys.executable, "-c", MULTIWORKER_SGD, str(tmp_path / "two.npz"),
-                                             "multiworker", str(initial)], cwd=REPO_ROOT, env=env,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
-        deadline = time.monotonic() + 240
-        outputs = [w.communicate(timeout=max(1.0, deadline - time.monotonic())) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait(timeout=30)
-    for w, (_, stderr) in zip(workers, outputs, strict=True):
-        assert w.returncode == 0, stderr[-3000:]
+    run_two_workers(lambda index: [sys.executable, "-c", MULTIWORKER_SGD, str(tmp_path / "two.npz"), "multiworker",
+                                    str(initial)], timeout=240)
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert int(a["replicas"]) == 1 and int(b["replicas"]) == 2
         keys = [k for k in a.files if k != "replicas"]
@@ -190,25 +197,8 @@ def test_multiworker_two_processes_match_one_process(tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip (also builds the token cache)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    workers = []
-    try:
-        for index in range(2):
-            env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-            workers.append(subprocess.Popen(train_args(data, tmp_path, f"worker{index}", "multiworker"),
-                                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True))  # fmt: skip
-        deadline = time.monotonic() + 120
-        outputs = [w.communicate(timeout=max(1.0, deadline - time.monotonic())) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait(timeout=30)
-    for w, (_, stderr) in zip(workers, outputs, strict=True):
-        assert w.returncode == 0, stderr[-3000:]
-    assert "multiworker strategy x2" in outputs[0][0] and "XLA off" in outputs[0][0]
+    outputs = run_two_workers(lambda index: train_args(data, tmp_path, f"worker{index}", "multiworker"), timeout=120)
+    assert "multiworker strategy x2" in outputs[0] and "XLA off" in outputs[0]
 
     chief = tmp_path / "worker0" / "runs" / "mw"
     assert {p.name for p in chief.iterdir()} >= {"config.json", "metrics.json", "model.keras", "backup"}
