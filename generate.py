@@ -22,6 +22,7 @@ from tfgpt.cli import (
     add_model_args,
     add_sampling_args,
     load_or_exit,
+    max_new_tokens_arg,
     one_line_warnings,
     positive_int_arg,
     print_stories,
@@ -35,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", default=None,
                         help='story opening (repeat for several; "" = from scratch; default "Once upon a time")')
     add_sampling_args(parser, xla=None)
-    parser.add_argument("--max-new-tokens", type=positive_int_arg, default=256)
+    parser.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=256)
     parser.add_argument("--num-samples", type=positive_int_arg, default=1, help="samples per prompt")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                         help="print tokens as they are produced (default: when stdout is a terminal)")

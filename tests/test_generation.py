@@ -23,14 +23,13 @@ from tfgpt import GPTConfig, build_model
 from tfgpt.generation import (
     GenerationError,
     compiled,
-    filter_logits,
     generate,
     generate_text,
     prompt_token_ids,
-    sample_logits,
     stream,
 )
 from tfgpt.runs import RunError, load_model
+from tfgpt.sampling import filter_logits, sample_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,6 +144,38 @@ def test_sampling_is_a_function_of_row_seed_and_step():
     greedy = np.argmax(logits.numpy(), axis=-1)
     np.testing.assert_array_equal(sample_logits(logits, 0.0, 0, 1.0, tf.constant([5, 6, 7], tf.int64)), greedy)
     np.testing.assert_array_equal(sample_logits(logits, 1e-4, 0, 1.0, tf.constant([5, 6, 7], tf.int64)), greedy)
+
+
+def test_samplers_by_name_and_a_registered_one(trained):
+    from tfgpt.sampling import SAMPLERS, Sampler, get_sampler, register_sampler
+
+    _, model, _ = trained
+    prompts = [[3, 50, 51], [3]]
+    greedy = generate(model, prompts, 12, temperature=0.0, jit_compile=False)
+    assert generate(model, prompts, 12, temperature=1.0, seed=2, sampler="greedy", jit_compile=False) == greedy
+    assert generate(model, prompts, 12, temperature=1.0, top_k=1, seed=2, sampler="top_k", jit_compile=False) == greedy
+    # "temperature" ignores top_k: with top_k=1 it still samples the whole distribution
+    kwargs = {"temperature": 1.0, "top_k": 1, "seed": 2, "jit_compile": False}
+    assert generate(model, prompts, 12, sampler="temperature", **kwargs) == generate(
+        model, prompts, 12, **{**kwargs, "top_k": 0})
+
+    @register_sampler("test_second_best")
+    class SecondBest(Sampler):
+        def get_next_token(self, logits, settings, seeds, step):
+            return tf.math.top_k(logits, 2).indices[:, 1]
+
+    try:
+        assert isinstance(get_sampler("test_second_best"), SecondBest)
+        out = generate(model, [[3, 50, 51]], 4, sampler="test_second_best", jit_compile=False)
+        expected, seq = [], [3, 50, 51]
+        for _ in range(4):
+            expected.append(int(np.argsort(np.asarray(model(np.array([seq]))[0, -1]))[-2]))
+            seq.append(expected[-1])
+        assert out == [expected]
+    finally:
+        SAMPLERS.pop("test_second_best")
+    with pytest.raises(GenerationError, match="unknown sampler 'nope'; use one of default, greedy"):
+        generate(model, prompts, 4, sampler="nope")
 
 
 # ------------------------------------------------------------------------- the decoding loop

@@ -8,7 +8,6 @@ a fraction of a second with one `error: ...` line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from tfgpt.common import quiet_tensorflow
+from tfgpt.config import SAMPLING_RULES, sampling_problem
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -55,9 +55,15 @@ def _number(kind: type, check: Callable[[Any], bool], rule: str) -> Callable[[st
     return parse
 
 
-temperature_arg = _number(float, lambda v: math.isfinite(v) and v >= 0, "must be >= 0 (0 = greedy)")
-top_k_arg = _number(int, lambda v: v >= 0, "must be an integer >= 0 (0 = off)")
-top_p_arg = _number(float, lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)")
+def _sampling(kind: type, name: str) -> Callable[[str], Any]:
+    """The argument type of a sampling setting: its rule from `tfgpt.config.SAMPLING_RULES`."""
+    return _number(kind, lambda v: sampling_problem(name, v) is None, SAMPLING_RULES[name][2])
+
+
+temperature_arg = _sampling(float, "temperature")
+top_k_arg = _sampling(int, "top_k")
+top_p_arg = _sampling(float, "top_p")
+max_new_tokens_arg = _sampling(int, "max_new_tokens")
 positive_int_arg = _number(int, lambda v: v >= 1, "must be an integer >= 1")
 non_negative_int_arg = _number(int, lambda v: v >= 0, "must be an integer >= 0")
 

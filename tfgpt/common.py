@@ -85,6 +85,11 @@ def make_readable(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
 def repo_relative(path: str | Path) -> str:
     """`path` as recorded in JSON outputs: relative to the repository root when it lies inside it,
     otherwise as given (never an absolute path of this machine for a file of the repository)."""

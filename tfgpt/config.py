@@ -149,3 +149,26 @@ PRESETS: dict[str, GPTConfig] = {
     # Seconds-sized, for tests and smoke runs.
     "tiny": GPTConfig(vocab_size=512, context=64, d_model=64, n_layers=2, n_heads=4, name="tiny"),
 }
+
+
+# =========================================================================== sampling settings
+#: The range of each sampling setting, stated once: (integer?, rule, what the rule says). `generate()`
+#: (`tfgpt.generation.check_sampling`), the command lines' argument types (`tfgpt.cli`) and the SavedModel's
+#: `generate` signature (`tfgpt.export`, on tensors: the rules use only comparisons and `&`) all check these.
+SAMPLING_RULES: dict[str, tuple[bool, Any, str]] = {
+    "max_new_tokens": (True, lambda v: v >= 1, "must be an integer >= 1"),
+    "temperature": (False, lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_k": (True, lambda v: v >= 0, "must be an integer >= 0 (0 = off)"),
+    "top_p": (False, lambda v: (v > 0) & (v <= 1), "must be in (0, 1] (1 = off)"),
+}
+
+
+def sampling_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for the sampling setting `name` (its rule, e.g. "must be in (0, 1] (1 = off)"),
+    or None when it is valid. Integers must be whole numbers (not bools); floats finite numbers."""
+    integer, rule, text = SAMPLING_RULES[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+        return text
+    if integer and int(value) != value:
+        return text
+    return None if bool(rule(value)) else text

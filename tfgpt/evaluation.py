@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from tfgpt.common import round_up
 from tfgpt.data import StoryTokens
 from tfgpt.generation import completion_text, generate
 
@@ -62,10 +63,6 @@ def story_windows(ids: Sequence[int], context: int, stride: int) -> list[tuple[i
         scored_until = end
         begin += stride
     return windows
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class _Scorer:
@@ -123,7 +120,7 @@ def evaluate_model(
     bar = tqdm(total=n_tokens, unit="tok", desc="evaluating", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start : start + batch_size]]
-        width = min(context, _round_up(max(len(w) - 1 for w, _ in chunk), 32))
+        width = min(context, round_up(max(len(w) - 1 for w, _ in chunk), 32))
         inputs = np.zeros((batch_size, width), np.int32)  # fixed batch: the last batch is padded
         targets = np.zeros((batch_size, width), np.int32)
         weights = np.zeros((batch_size, width), np.float64)

@@ -11,8 +11,8 @@ Signatures:
 
 `generate` tokenises in the graph (tensorflow_text SentencepieceTokenizer built from the tokenizer's
 model proto), prepends the end-of-text token, keeps the last `context` prompt tokens, runs
-`tfgpt.generation.Decoder` (the same cached tf.while_loop as the Python API: temperature 0 = greedy,
-top_k 0 / top_p 1 = off, stop at end-of-text) and detokenises the new tokens. Only the model's
+`tfgpt.generation.Decoder` (the same cached tf.while_loop and default sampler as the Python API: temperature
+0 = greedy, top_k 0 / top_p 1 = off, stop at end-of-text; the settings are checked by the same rules) and detokenises the new tokens. Only the model's
 variables are saved (no optimizer state). Loading:
 
     import tensorflow as tf, tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
@@ -40,6 +40,7 @@ if __name__ == "__main__":  # `python -m tfgpt.export`: no C++ start-up lines be
 
 import tensorflow as tf  # noqa: E402
 
+from tfgpt.config import SAMPLING_RULES  # noqa: E402
 from tfgpt.generation import Decoder  # noqa: E402
 
 #: What `tf.saved_model.save` writes: the only entries a directory may hold for an export to replace it.
@@ -83,21 +84,17 @@ class GPTExport(tf.Module):
             tf.TensorSpec([], tf.int64, name="seed"),
         ])
         def generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
-            checks = [
-                tf.debugging.assert_greater_equal(max_new_tokens, 1, message="max_new_tokens must be >= 1"),
-                tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0"),
-                tf.debugging.assert_greater_equal(top_k, 0, message="top_k must be >= 0 (0 = off)"),
-                tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
-                tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
-            ]
+            given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+            checks = [tf.debugging.Assert(SAMPLING_RULES[name][1](value), [f"{name} {SAMPLING_RULES[name][2]}"])
+                      for name, value in given.items()]  # the rules generate() and the command lines check
             with tf.control_dependencies(checks):
                 ids = sp.tokenize(prompts)  # ragged (B, None) int32
             batch = tf.shape(prompts)[0]
             ids = tf.concat([tf.fill([batch, 1], eos), ids], axis=1)[:, -context:]  # [eos] + prompt, last T
             lengths = tf.cast(ids.row_lengths(), tf.int32)
-            params = decoder.params(lengths, max_new_tokens, temperature, top_k, top_p, seed, eos)
+            settings = decoder.settings(lengths, max_new_tokens, temperature, top_k, top_p, seed, eos)
             total = tf.reduce_max(lengths) + max_new_tokens
-            buffer, n_new = decoder.run(ids.to_tensor(0), total, params)
+            buffer, n_new = decoder.run(ids.to_tensor(0), total, settings)
             positions = tf.range(tf.shape(buffer)[1])[None, :]
             is_new = (positions >= lengths[:, None]) & (positions < (lengths + n_new)[:, None])
             new_ids = tf.ragged.boolean_mask(buffer, is_new)

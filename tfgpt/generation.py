@@ -1,28 +1,31 @@
-"""Text generation: one cached decoding loop and its samplers, used by the CLI, training's samples and export.
+"""Text generation: one cached decoding loop, used by the CLI, training's samples and export.
 
 The loop (`Decoder`) is written in graph-friendly TensorFlow so that one call is one graph:
 
     prefill   logits, caches = model.call_with_cache(prompts[:, :P], caches, 0)   # the prompt, once
-    repeat    x_p ~ sample(logits_{p-1})        (or the prompt token while p is inside a row's prompt)
-              logits_p, caches = model.call_with_cache(x_p, caches, p − w)       # one token per step
+    repeat    x_t ~ sampler(logits_{t-1})        (or the prompt token while t is inside a row's prompt)
+              logits_t, caches = model.call_with_cache(x_t, caches, t − s)       # one token per step
     until     every row emitted the end-of-text token or its `max_new_tokens`.
 
-Prompts of different lengths share the batch left-aligned: row r's token at absolute position p sits at
-position p (so learned positions stay right), and while p < len(prompt_r) the "sampled" token is replaced
+(t is the position being filled, s the window start.) How a token is chosen from the logits is the
+sampler's business (`tfgpt.sampling`: greedy, temperature, top-k, top-p, or one a user registers).
+
+Prompts of different lengths share the batch left-aligned: row r's token at absolute position t sits at
+position t (so learned positions stay right), and while t < len(prompt_r) the "sampled" token is replaced
 by the prompt's own token (keras-hub's approach). The prefill covers a fixed bucket P of positions; rows
 with shorter prompts have padding there, which the loop overwrites position by position before any
 query can attend to it (the causal mask only looks back). Each row's output therefore equals the row
 generated alone.
 
 Past the context T the window slides in chunks: when the cache is full, the last `keep = T − T/4`
-tokens are prefilled again at positions 0…keep−1 and decoding goes on (window start `w`). The uncached
+tokens are prefilled again at positions 0…keep−1 and decoding goes on (window start s). The uncached
 path (`use_cache=False`, the reference and the benchmark baseline) runs the full model over the same
 window at every step, so both paths condition on the same tokens.
 
 The key/value cache is one (Kᵀ, V) pair per block, Kᵀ (B·H, d_k, C) and V (B·H, C, d_k) with C the
 window length below (`GPT.init_cache`), written with `slice_update` at a traced position and read
 under a traced mask: XLA updates each buffer in place, and one compiled loop serves every position (an
-index such as `x[:, p]` with p a function argument would recompile per value).
+index such as `x[:, t]` with t a function argument would recompile per value).
 
 Shapes are fixed per call (batch B, prompt bucket P, buffer length N), the sampling settings are tensors,
 and randomness is stateless (row seed, position): the compiled graph is reused across calls with other
@@ -31,7 +34,6 @@ prompts, temperatures or seeds, and the same seed gives the same text.
 
 from __future__ import annotations
 
-import math
 import random
 import warnings
 import weakref
@@ -39,6 +41,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
+
+from tfgpt.common import round_up
+from tfgpt.config import sampling_problem
+from tfgpt.sampling import Sampler, SamplingSettings, get_sampler
 
 #: Prompts are padded to a multiple of this many tokens (one compiled graph per bucket).
 PROMPT_BUCKET = 16
@@ -50,83 +56,24 @@ class GenerationError(ValueError):
     """A generation argument is invalid; the message says which and how to fix it."""
 
 
-# ----------------------------------------------------------------------------- samplers
 def check_sampling(
     max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> None:
-    """Raise GenerationError for settings outside their ranges (max_new_tokens ≥ 1, temperature ≥ 0,
-    top_k ≥ 0 (0 = off), 0 < top_p ≤ 1)."""
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens
-                                       or max_new_tokens < 1):
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
-        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
-        raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    """Raise GenerationError for a setting outside its range (`tfgpt.config.SAMPLING_RULES`: max_new_tokens ≥ 1,
+    temperature ≥ 0, top_k ≥ 0 (0 = off), 0 < top_p ≤ 1)."""
+    values = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    for name, value in values.items():
+        problem = None if value is None else sampling_problem(name, value)
+        if problem is not None:
+            raise GenerationError(f"{name} {problem}, got {value!r}")
 
 
-def filter_logits(logits: tf.Tensor, top_k: tf.Tensor | int, top_p: tf.Tensor | float) -> tf.Tensor:
-    """Set logits outside the top-k set and outside the nucleus to −∞.
-
-    logits (B, V) float32; top_k int (0 = off); top_p float in (0, 1] (1 = off). Top-k is applied
-    first, then top-p on the renormalised top-k distribution: the nucleus is the smallest prefix of the
-    tokens sorted by probability whose mass reaches top_p (the most likely token is always kept).
-    Ties with the last kept logit are kept too.
-    """
-    logits = tf.convert_to_tensor(logits, tf.float32)
-    vocab = tf.shape(logits)[-1]
-    top_k = tf.cast(top_k, tf.int32)
-    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-    sorted_logits = tf.sort(logits, axis=-1, direction="DESCENDING")  # (B, V)
-    rank = tf.range(vocab)[None, :]
-    sorted_logits_k = tf.where(rank < k, sorted_logits, -math.inf)
-    probs = tf.nn.softmax(sorted_logits_k, axis=-1)
-    mass_before = tf.math.cumsum(probs, axis=-1, exclusive=True)  # mass of the better-ranked tokens
-    keep = (rank < k) & (mass_before < tf.cast(top_p, tf.float32))
-    n_keep = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1), 1)  # (B,)
-    threshold = tf.gather(sorted_logits, n_keep - 1, axis=1, batch_dims=1)  # (B,)
-    return tf.where(logits >= threshold[:, None], logits, -math.inf)
-
-
-def sample_logits(
-    logits: tf.Tensor,
-    temperature: tf.Tensor | float,
-    top_k: tf.Tensor | int,
-    top_p: tf.Tensor | float,
-    seeds: tf.Tensor,
-    step: tf.Tensor | int = 0,
-) -> tf.Tensor:
-    """Next token ids (B,) int32 from logits (B, V): greedy (argmax) when temperature == 0, otherwise a
-    draw from softmax(filter_logits(logits / temperature, top_k, top_p)).
-
-    Draws use the Gumbel-max trick, argmax(l + g) with g = −log(−log u), u ~ U(0, 1), and row r's noise
-    comes from the stateless seed (seeds[r], step) (Philox): a row's draw depends only on its own logits,
-    seed and step, never on the rest of the batch, and is the same in eager, graph and XLA runs.
-    (XLA has no kernel for tf.random.stateless_categorical, hence the Gumbel form.)
-    """
-    logits = tf.convert_to_tensor(logits, tf.float32)
-    temperature = tf.cast(temperature, tf.float32)
-    top_k = tf.cast(top_k, tf.int32)
-    top_p = tf.cast(top_p, tf.float32)
-    step = tf.cast(step, tf.int64)
-
-    def greedy():
-        return tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-    def draw():
-        scaled = logits / tf.maximum(temperature, 1e-30)
-        filtered = tf.cond((top_k > 0) | (top_p < 1.0), lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
-        vocab = tf.shape(filtered)[-1:]
-        u = tf.map_fn(
-            lambda s: tf.random.stateless_uniform(vocab, tf.stack([s, step]), minval=1e-20, maxval=1.0, alg="philox"),
-            tf.cast(seeds, tf.int64),
-            fn_output_signature=tf.float32,
-        )  # (B, V)
-        return tf.argmax(filtered - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
-
-    return tf.cond(temperature > 0, draw, greedy)
+def resolve_sampler(sampler: str | Sampler | None) -> Sampler:
+    """`tfgpt.sampling.get_sampler`, with GenerationError for an unknown name."""
+    try:
+        return get_sampler(sampler)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------- decoder
@@ -137,16 +84,17 @@ class Decoder:
     loop as one `tf.while_loop`. Python callers use `generate`/`stream` (compiled per shape), export
     wraps `run` in its SavedModel signature. All shapes may be dynamic (export) or static (XLA).
 
-    State: p (position to fill next), w (window start), logits (B, V) predicting position p, cache
-    (one (Kᵀ, V) pair per block) or a dummy scalar when uncached, buffer (B, N) token ids, done (B,) bool,
-    n_new (B,) new tokens written per row. Params: prompt_lens (B,), ends (B,) = prompt_lens +
-    max_new_tokens, stop = max(ends), temperature, top_k, top_p (scalars), seeds (B,) = seed + row index,
-    eos_id (scalar, −1 = none).
+    State: position (the position t to fill next), window_start (s), logits (B, V) predicting position t,
+    cache (one (Kᵀ, V) pair per block) or a dummy scalar when uncached, buffer (B, N) token ids, done (B,)
+    bool, n_new (B,) new tokens written per row. Settings of the call (`settings`): prompt_lens (B,),
+    ends (B,) = prompt_lens + max_new_tokens, stop = max(ends), sampling (`SamplingSettings`: temperature,
+    top_k, top_p), seeds (B,) = seed + row index, eos_id (scalar, −1 = none).
     """
 
-    def __init__(self, model: Any, use_cache: bool = True) -> None:
+    def __init__(self, model: Any, use_cache: bool = True, sampler: str | Sampler | None = None) -> None:
         self.model = model
         self.use_cache = bool(use_cache)
+        self.sampler = resolve_sampler(sampler)
         self.context = int(model.config.context)
         self.keep = self.context - max(1, self.context // 4)
 
@@ -164,30 +112,17 @@ class Decoder:
         idx = tf.minimum(start + tf.range(length), tf.shape(buffer)[1] - 1)
         return tf.gather(buffer, idx, axis=1)
 
-    def params(
-        self,
-        prompt_lens: tf.Tensor,
-        max_new_tokens: tf.Tensor,
-        temperature: tf.Tensor,
-        top_k: tf.Tensor,
-        top_p: tf.Tensor,
-        seed: tf.Tensor,
-        eos_id: tf.Tensor,
-    ) -> dict[str, tf.Tensor]:
+    def settings(self, prompt_lens: tf.Tensor, max_new_tokens: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+                 top_p: tf.Tensor, seed: tf.Tensor, eos_id: tf.Tensor) -> dict[str, Any]:
+        """The call's settings as tensors (see the class docstring)."""
         prompt_lens = tf.cast(prompt_lens, tf.int32)
         ends = prompt_lens + tf.cast(max_new_tokens, tf.int32)
-        return {
-            "prompt_lens": prompt_lens,
-            "ends": ends,
-            "stop": tf.reduce_max(ends),
-            "temperature": tf.cast(temperature, tf.float32),
-            "top_k": tf.cast(top_k, tf.int32),
-            "top_p": tf.cast(top_p, tf.float32),
-            "seeds": tf.cast(seed, tf.int64) + tf.range(tf.shape(prompt_lens, tf.int64)[0]),  # row r: seed + r
-            "eos_id": tf.cast(eos_id, tf.int32),
-        }
+        return {"prompt_lens": prompt_lens, "ends": ends, "stop": tf.reduce_max(ends),
+                "sampling": SamplingSettings.of(temperature, top_k, top_p),
+                "seeds": tf.cast(seed, tf.int64) + tf.range(tf.shape(prompt_lens, tf.int64)[0]),  # row r: seed + r
+                "eos_id": tf.cast(eos_id, tf.int32)}
 
-    def init(self, prompts: tf.Tensor, total_len, params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def init(self, prompts: tf.Tensor, total_len, settings: dict[str, Any]) -> dict[str, tf.Tensor]:
         """Prefill. prompts (B, P) int32, left-aligned and padded, P ≤ T; total_len N ≥ max(ends)."""
         prompts = tf.cast(prompts, tf.int32)
         batch = tf.shape(prompts)[0]
@@ -196,71 +131,66 @@ class Decoder:
         if isinstance(total_len, int):
             buffer = tf.ensure_shape(buffer, [None, total_len])
         window = self._window_len(buffer)
-        p0 = tf.reduce_min(params["prompt_lens"])
+        first = tf.reduce_min(settings["prompt_lens"])  # the first position any row samples
         if self.use_cache:
             cache = self.model.init_cache(batch, window)
             logits, cache = self.model.call_with_cache(prompts, cache, 0)  # (B, P, V)
         else:
             cache = tf.zeros([], tf.float32)
             logits = self.model(self._window(buffer, 0, window))  # (B, C, V)
-        return {
-            "p": p0,
-            "w": tf.zeros([], tf.int32),
-            "logits": tf.gather(logits, p0 - 1, axis=1),
-            "cache": cache,
-            "buffer": buffer,
-            "done": tf.zeros([batch], tf.bool),
-            "n_new": tf.zeros([batch], tf.int32),
-        }
+        return {"position": first, "window_start": tf.zeros([], tf.int32), "logits": tf.gather(logits, first - 1, axis=1),
+                "cache": cache, "buffer": buffer, "done": tf.zeros([batch], tf.bool), "n_new": tf.zeros([batch], tf.int32)}
 
-    def cond(self, state: dict[str, tf.Tensor], params: dict[str, tf.Tensor]) -> tf.Tensor:
-        return (state["p"] < params["stop"]) & ~tf.reduce_all(state["done"])
+    def cond(self, state: dict[str, tf.Tensor], settings: dict[str, Any]) -> tf.Tensor:
+        return (state["position"] < settings["stop"]) & ~tf.reduce_all(state["done"])
 
     def slide(self, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """When the window is full (p − w ≥ C), move its start to w = p − keep and, cached, refill the
-        cache with the `keep` tokens before p; otherwise leave the state as it is."""
+        """When the window is full (t − s ≥ C), move its start to s = t − keep and, cached, refill the
+        cache with the `keep` tokens before t; otherwise leave the state as it is."""
         if not self._may_slide(state["buffer"]):
             return state
-        p, w, cache = state["p"], state["w"], state["cache"]
-        full = p - w >= self._window_len(state["buffer"])
-        w = tf.where(full, p - self.keep, w)
+        position, window_start, cache = state["position"], state["window_start"], state["cache"]
+        full = position - window_start >= self._window_len(state["buffer"])
+        window_start = tf.where(full, position - self.keep, window_start)
         if self.use_cache:
-            cache = tf.cond(full, lambda: self._refill(state["buffer"], w, cache), lambda: cache)
-        return {**state, "w": w, "cache": cache}
+            cache = tf.cond(full, lambda: self._refill(state["buffer"], window_start, cache), lambda: cache)
+        return {**state, "window_start": window_start, "cache": cache}
 
-    def step(self, state: dict[str, tf.Tensor], params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """Choose the token at position p, write it, and run the model on it (logits for p + 1);
-        the window must have room (p − w < C)."""
-        p, w, buffer, done, cache = state["p"], state["w"], state["buffer"], state["done"], state["cache"]
-        sampled = sample_logits(state["logits"], params["temperature"], params["top_k"], params["top_p"],
-                                params["seeds"], p)
-        in_prompt = p < params["prompt_lens"]  # (B,)
+    def step(self, state: dict[str, tf.Tensor], settings: dict[str, Any]) -> dict[str, tf.Tensor]:
+        """Choose the token at position t, write it, and run the model on it (logits for t + 1);
+        the window must have room (t − s < C)."""
+        position, window_start = state["position"], state["window_start"]
+        buffer, done, cache = state["buffer"], state["done"], state["cache"]
+        sampled = self.sampler.get_next_token(state["logits"], settings["sampling"], settings["seeds"],
+                                              tf.cast(position, tf.int64))
+        in_prompt = position < settings["prompt_lens"]  # (B,)
         active = ~in_prompt & ~done
-        token = tf.where(in_prompt, tf.gather(buffer, p, axis=1), tf.where(done, 0, sampled))
-        buffer = tf.tensor_scatter_nd_update(
-            buffer, tf.stack([tf.range(tf.shape(buffer)[0]), tf.fill(tf.shape(token), p)], axis=1), token
-        )
+        token = tf.where(in_prompt, tf.gather(buffer, position, axis=1), tf.where(done, 0, sampled))
+        rows = tf.range(tf.shape(buffer)[0])
+        buffer = tf.tensor_scatter_nd_update(buffer, tf.stack([rows, tf.fill(tf.shape(token), position)], axis=1),
+                                             token)
         n_new = state["n_new"] + tf.cast(active, tf.int32)
-        done = done | (active & ((token == params["eos_id"]) | (p + 1 >= params["ends"])))
+        done = done | (active & ((token == settings["eos_id"]) | (position + 1 >= settings["ends"])))
 
         if self.use_cache:
-            logits, cache = self.model.call_with_cache(token[:, None], cache, p - w)
+            logits, cache = self.model.call_with_cache(token[:, None], cache, position - window_start)
             logits = logits[:, 0]
         else:
-            logits = tf.gather(self.model(self._window(buffer, w, self._window_len(buffer))), p - w, axis=1)
-        return {"p": p + 1, "w": w, "logits": logits, "cache": cache, "buffer": buffer, "done": done,
-                "n_new": n_new}
+            window = self._window(buffer, window_start, self._window_len(buffer))
+            logits = tf.gather(self.model(window), position - window_start, axis=1)
+        return {"position": position + 1, "window_start": window_start, "logits": logits, "cache": cache,
+                "buffer": buffer, "done": done, "n_new": n_new}
 
-    def body(self, state: dict[str, tf.Tensor], params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def body(self, state: dict[str, tf.Tensor], settings: dict[str, Any]) -> dict[str, tf.Tensor]:
         """One position: slide the window if it is full, then `step`."""
-        return self.step(self.slide(state), params)
+        return self.step(self.slide(state), settings)
 
-    def _refill(self, buffer: tf.Tensor, w: tf.Tensor, cache: list) -> list:
-        """Caches of the `keep` tokens at positions w … w+keep−1, written at slots 0 … keep−1."""
-        _, cache = self.model.call_with_cache(self._window(buffer, w, self.keep), cache, 0)
+    def _refill(self, buffer: tf.Tensor, window_start: tf.Tensor, cache: list) -> list:
+        """Caches of the `keep` tokens at positions s … s+keep−1, written at slots 0 … keep−1."""
+        _, cache = self.model.call_with_cache(self._window(buffer, window_start, self.keep), cache, 0)
         return cache
 
-    def run(self, prompts: tf.Tensor, total_len, params: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    def run(self, prompts: tf.Tensor, total_len, settings: dict[str, Any]) -> tuple[tf.Tensor, tf.Tensor]:
         """The whole loop in one graph -> (buffer (B, N), n_new (B,)); row r's new tokens are
         buffer[r, prompt_lens[r] : prompt_lens[r] + n_new[r]] (the end-of-text token included).
 
@@ -268,14 +198,14 @@ class Decoder:
         the outer one slides it. (A slide test inside the per-token loop puts the caches through a
         conditional at every step, after which XLA copies them instead of updating them in place:
         measured 2.5x slower per token at batch 8.)"""
-        state = self.init(prompts, total_len, params)
+        state = self.init(prompts, total_len, settings)
         limit = tf.shape(state["buffer"])[1]
 
         def steps(state):
             room = self._window_len(state["buffer"])
             (state,) = tf.while_loop(
-                lambda s: self.cond(s, params) & (s["p"] - s["w"] < room),
-                lambda s: (self.step(s, params),),
+                lambda s: self.cond(s, settings) & (s["position"] - s["window_start"] < room),
+                lambda s: (self.step(s, settings),),
                 (state,),
                 maximum_iterations=limit,
             )
@@ -285,45 +215,43 @@ class Decoder:
             state = steps(state)
         else:
             (state,) = tf.while_loop(
-                lambda s: self.cond(s, params), lambda s: (steps(self.slide(s)),), (state,), maximum_iterations=limit
+                lambda s: self.cond(s, settings), lambda s: (steps(self.slide(s)),), (state,),
+                maximum_iterations=limit,
             )
         return state["buffer"], state["n_new"]
 
 
 # ------------------------------------------------------------------ Python-side entry points
 class _Compiled:
-    """The tf.functions of one model: traced once per (batch, prompt bucket, buffer length)."""
+    """The tf.functions of one model and sampler: traced once per (batch, prompt bucket, buffer length)."""
 
-    def __init__(self, model: Any, use_cache: bool, jit_compile: bool) -> None:
-        decoder = Decoder(model, use_cache)
-        self.run = tf.function(lambda prompts, total_len, params: decoder.run(prompts, total_len, params),
+    def __init__(self, model: Any, use_cache: bool, jit_compile: bool, sampler: str | Sampler | None) -> None:
+        decoder = Decoder(model, use_cache, sampler)
+        self.run = tf.function(lambda prompts, total_len, settings: decoder.run(prompts, total_len, settings),
                                jit_compile=jit_compile)
-        self.init = tf.function(lambda prompts, total_len, params: decoder.init(prompts, total_len, params),
+        self.init = tf.function(lambda prompts, total_len, settings: decoder.init(prompts, total_len, settings),
                                 jit_compile=jit_compile)
         self.body = tf.function(decoder.body, jit_compile=jit_compile)
         self.cond = tf.function(decoder.cond)
-        self.params = decoder.params
+        self.settings = decoder.settings
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled(model: Any, use_cache: bool = True, jit_compile: bool = True) -> _Compiled:
-    """The (cached) compiled decoding functions of `model`; `.run.experimental_get_tracing_count()`
-    counts its traces."""
+def compiled(model: Any, use_cache: bool = True, jit_compile: bool = True,
+             sampler: str | Sampler | None = None) -> _Compiled:
+    """The (cached) compiled decoding functions of `model` with `sampler` (a name, a Sampler, None = "default");
+    `.run.experimental_get_tracing_count()` counts its traces."""
     per_model = _COMPILED.setdefault(model, {})
-    key = (bool(use_cache), bool(jit_compile))
+    key = (bool(use_cache), bool(jit_compile), "default" if sampler is None else sampler)
     if key not in per_model:
         per_model[key] = _Compiled(model, *key)
     return per_model[key]
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _prepare(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int):
-    """Validate and pad prompts: (prompts (B, P) int32, lengths, N)."""
+def _pad_prompts(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int):
+    """Validate and pad prompts: (prompts (B, P) int32, lengths (B,), buffer length N)."""
     import numpy as np
 
     context, vocab = int(model.config.context), int(model.config.vocab_size)
@@ -343,8 +271,8 @@ def _prepare(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
         )
         rows = [ids[-context:] for ids in rows]
     lengths = np.array([len(ids) for ids in rows], np.int32)
-    bucket = min(context, _round_up(int(lengths.max()), PROMPT_BUCKET))
-    total = _round_up(bucket + max_new_tokens, LENGTH_BUCKET)
+    bucket = min(context, round_up(int(lengths.max()), PROMPT_BUCKET))
+    total = round_up(bucket + max_new_tokens, LENGTH_BUCKET)
     if bucket + max_new_tokens <= context:
         total = min(total, context)
     prompts = np.zeros((len(rows), bucket), np.int32)
@@ -353,24 +281,22 @@ def _prepare(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
     return prompts, lengths, total
 
 
-def _params(fns: _Compiled, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id):
+def _prepare_call(model, prompt_ids, max_new_tokens, use_cache, jit_compile, sampler, temperature, top_k, top_p,
+                  seed, eos_id):
+    """Shared set-up of `generate` and `stream`: check the settings, pad the prompts, get the compiled
+    loop and the call's settings as tensors. Returns (fns, prompts, lengths, total, settings)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    resolve_sampler(sampler)  # an unknown name fails here, before any tracing
+    prompts, lengths, total = _pad_prompts(model, prompt_ids, max_new_tokens)
+    fns = compiled(model, use_cache, jit_compile, sampler)
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
-    return fns.params(
+    settings = fns.settings(
         tf.constant(lengths), tf.constant(max_new_tokens, tf.int32), tf.constant(temperature, tf.float32),
         tf.constant(top_k, tf.int32), tf.constant(top_p, tf.float32), tf.constant(int(seed), tf.int64),
         tf.constant(-1 if eos_id is None else int(eos_id), tf.int32),
     )
-
-
-def _start(model, prompt_ids, max_new_tokens, use_cache, jit_compile, temperature, top_k, top_p, seed, eos_id):
-    """Shared set-up of `generate` and `stream`: check the settings, pad the prompts, get the compiled
-    loop and its parameter tensors. Returns (fns, prompts, lengths, total, params)."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    prompts, lengths, total = _prepare(model, prompt_ids, max_new_tokens)
-    fns = compiled(model, use_cache, jit_compile)
-    params = _params(fns, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
-    return fns, prompts, lengths, total, params
+    return fns, prompts, lengths, total, settings
 
 
 def generate(
@@ -385,6 +311,7 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     jit_compile: bool = True,
+    sampler: str | Sampler | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens, all rows in one batch and one graph.
 
@@ -400,6 +327,8 @@ def generate(
         eos_id: stop a row after it emits this token (included in the output).
         use_cache: False runs the whole window through the model at every step (reference/baseline).
         jit_compile: compile the loop with XLA.
+        sampler: how a token is chosen (`tfgpt.sampling`): a registered name ("default", "greedy",
+            "temperature", "top_k", "top_p", or a user's) or a Sampler; None = "default".
 
     Returns:
         The new token ids of each row (not the prompt).
@@ -407,10 +336,10 @@ def generate(
     Example:
         >>> generate(model, [[3, 71, 9]], 20, temperature=0)   # greedy
     """
-    fns, prompts, lengths, total, params = _start(
-        model, prompt_ids, max_new_tokens, use_cache, jit_compile, temperature, top_k, top_p, seed, eos_id
+    fns, prompts, lengths, total, settings = _prepare_call(
+        model, prompt_ids, max_new_tokens, use_cache, jit_compile, sampler, temperature, top_k, top_p, seed, eos_id
     )
-    buffer, n_new = fns.run(tf.constant(prompts), total, params)
+    buffer, n_new = fns.run(tf.constant(prompts), total, settings)
     buffer, n_new = buffer.numpy(), n_new.numpy()
     return [buffer[r, lengths[r] : lengths[r] + n_new[r]].tolist() for r in range(len(lengths))]
 
@@ -426,21 +355,22 @@ def stream(
     seed: int | None = None,
     eos_id: int | None = None,
     jit_compile: bool = True,
+    sampler: str | Sampler | None = None,
 ) -> Iterator[list[int | None]]:
     """Like `generate`, one step at a time: yields, per step, each row's new token (None for a row that
     is still in its prompt or already finished). Same loop body and seeds as `generate`, so the
     concatenated tokens equal `generate`'s output."""
-    fns, prompts, lengths, total, params = _start(
-        model, prompt_ids, max_new_tokens, True, jit_compile, temperature, top_k, top_p, seed, eos_id
+    fns, prompts, lengths, total, settings = _prepare_call(
+        model, prompt_ids, max_new_tokens, True, jit_compile, sampler, temperature, top_k, top_p, seed, eos_id
     )
-    state = fns.init(tf.constant(prompts), total, params)
-    while bool(fns.cond(state, params)):
+    state = fns.init(tf.constant(prompts), total, settings)
+    while bool(fns.cond(state, settings)):
         before = state["n_new"].numpy()
-        p = int(state["p"])
-        state = fns.body(state, params)
+        position = int(state["position"])
+        state = fns.body(state, settings)
         wrote = state["n_new"].numpy() > before
-        column = state["buffer"][:, p].numpy()
-        yield [int(t) if w else None for t, w in zip(column, wrote, strict=True)]
+        column = state["buffer"][:, position].numpy()
+        yield [int(token) if new else None for token, new in zip(column, wrote, strict=True)]
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -462,8 +392,8 @@ def generate_text(
     """Continue each text prompt; returns the completions (the text after each prompt).
 
     Prompt ids are [eos] + encode(prompt); generation stops at the end-of-text token. `sampling` takes
-    the keyword arguments of `generate` (temperature, top_k, top_p, seed, use_cache, jit_compile).
+    the keyword arguments of `generate` (temperature, top_k, top_p, seed, use_cache, jit_compile, sampler).
     """
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     new = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
-    return [completion_text(tokenizer, p, n) for p, n in zip(ids, new, strict=True)]
+    return [completion_text(tokenizer, prompt, completion) for prompt, completion in zip(ids, new, strict=True)]
