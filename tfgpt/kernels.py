@@ -9,8 +9,8 @@ over memory, while the matmuls stay on TensorFlow's oneDNN kernels (which use AM
 XLA's CPU dot does not). The automatic gradient of a jit function is slow, hence hand-written backward
 passes (bench/RESULTS.md). Inside an outer XLA function the islands are simply inlined.
 
-On other backends every kernel is the same math written with `keras.ops` (the `keras_*` functions),
-differentiated by the backend.
+tfgpt runs on the TensorFlow backend only (the decoding loop, the data pipeline and the export are
+TensorFlow), so there is no second, portable form of these kernels.
 
 Precision: statistics, softmax and the loss are computed in float32 whatever the input dtype; results
 and input gradients are cast back to the input's dtype; LayerNorm's γ, β (float32 variables) get float32
@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import math
 
-import keras
 import numpy as np
-from keras import ops
-
-#: The TensorFlow forms (custom gradients, jit islands) are used; else the `keras_*` forms.
-TENSORFLOW = keras.backend.backend() == "tensorflow"
+import tensorflow as tf
 
 _C = math.sqrt(2.0 / math.pi)  # GELU tanh approximation: ½u(1 + tanh(C(u + A·u³)))
 _A = 0.044715
@@ -38,117 +34,94 @@ MASKED = float(np.finfo(np.float32).min)
 REDUCTIONS = ("mean", "none")
 
 
-# ============================================================================ portable keras.ops forms
-def keras_gelu(x):
-    """GELU(x) = ½x(1 + tanh(√(2/π)(x + 0.044715x³))) in float32; x's dtype out."""
-    u = ops.cast(x, "float32")
-    y = 0.5 * u * (1.0 + ops.tanh(_C * (u + _A * u * u * u)))
-    return ops.cast(y, x.dtype)
-
-
-def keras_masked_softmax(scores, mask, scale=1.0):
-    """softmax(where(mask, scale·scores, MASKED)) over the last axis, in float32; scores' dtype out."""
-    z = ops.where(mask, ops.cast(scores, "float32") * scale, MASKED)
-    return ops.cast(ops.softmax(z, axis=-1), scores.dtype)
-
-
-def keras_layer_norm(x, gamma, beta, epsilon):
-    """γ ⊙ (x − μ)/√(σ² + ε) + β over the last axis, statistics in float32; x's dtype out."""
-    xf = ops.cast(x, "float32")
-    mu = ops.mean(xf, axis=-1, keepdims=True)
-    var = ops.mean(ops.square(xf - mu), axis=-1, keepdims=True)
-    y = (xf - mu) * ops.rsqrt(var + epsilon) * ops.cast(gamma, "float32") + ops.cast(beta, "float32")
-    return ops.cast(y, x.dtype)
-
-
-def keras_cross_entropy(labels, logits, reduction="mean"):
-    """−log softmax(logits)[label] in float32, per position ("none") or averaged ("mean")."""
-    _check_reduction(reduction)
-    losses = ops.sparse_categorical_crossentropy(
-        ops.cast(labels, "int32"), ops.cast(logits, "float32"), from_logits=True
-    )
-    return ops.mean(losses) if reduction == "mean" else losses
-
-
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-# ============================================================================ TensorFlow forms
-if TENSORFLOW:
-    import tensorflow as tf
+# ============================================================================ forward and backward passes
+def _jit(fn):
+    return tf.function(fn, jit_compile=True, reduce_retracing=True)
 
-    def _jit(fn):
-        return tf.function(fn, jit_compile=True, reduce_retracing=True)
 
-    def _rows(t):
-        """(..., N) -> (rows, N), for sums over every leading axis (the γ and β gradients)."""
-        return tf.reshape(t, (-1, tf.shape(t)[-1]))
+def _rows(t):
+    """(..., N) -> (rows, N), for sums over every leading axis (the γ and β gradients)."""
+    return tf.reshape(t, (-1, tf.shape(t)[-1]))
 
-    # ------------------------------------------------------------------ GELU
-    def _gelu_core(u):
-        return 0.5 * u * (1.0 + tf.tanh(_C * (u + _A * u * u * u)))
 
-    def _gelu_slope(u):
-        t = tf.tanh(_C * (u + _A * u * u * u))
-        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _C * (1.0 + 3.0 * _A * u * u)
+# ------------------------------------------------------------------ GELU
+def _gelu_core(u):
+    return 0.5 * u * (1.0 + tf.tanh(_C * (u + _A * u * u * u)))
 
-    @_jit
-    def _gelu_fwd(x):
-        return tf.cast(_gelu_core(tf.cast(x, tf.float32)), x.dtype)
 
-    @_jit
-    def _gelu_bwd(dy, x):
-        return tf.cast(tf.cast(dy, tf.float32) * _gelu_slope(tf.cast(x, tf.float32)), x.dtype)
+def _gelu_slope(u):
+    t = tf.tanh(_C * (u + _A * u * u * u))
+    return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _C * (1.0 + 3.0 * _A * u * u)
 
-    @tf.custom_gradient
-    def _gelu(x):
-        return _gelu_fwd(x), lambda dy: _gelu_bwd(dy, x)
 
-    # ------------------------------------------------------------------ masked softmax
-    @_jit
-    def _softmax_fwd(scores, mask, scale):
-        z = tf.where(mask, tf.cast(scores, tf.float32) * scale, MASKED)
-        return tf.cast(tf.nn.softmax(z, axis=-1), scores.dtype)
+@_jit
+def _gelu_fwd(x):
+    return tf.cast(_gelu_core(tf.cast(x, tf.float32)), x.dtype)
 
-    @_jit
-    def _softmax_bwd(dp, p, scale):
-        pf, dpf = tf.cast(p, tf.float32), tf.cast(dp, tf.float32)
-        ds = pf * (dpf - tf.reduce_sum(dpf * pf, axis=-1, keepdims=True)) * scale
-        return tf.cast(ds, dp.dtype)
 
-    # ------------------------------------------------------------------ LayerNorm
-    # Plain TensorFlow ops, no jit island: XLA's CPU row reductions made the island slower than these
-    # (bench/RESULTS.md); the gain is the hand-written backward that reuses μ and 1/σ.
-    def _ln_fwd(x, gamma, beta, epsilon):
-        xf = tf.cast(x, tf.float32)
-        mu = tf.reduce_mean(xf, axis=-1, keepdims=True)
-        xc = xf - mu
-        rstd = tf.math.rsqrt(tf.reduce_mean(xc * xc, axis=-1, keepdims=True) + epsilon)
-        return tf.cast(xc * rstd * gamma + beta, x.dtype), mu, rstd
+@_jit
+def _gelu_bwd(dy, x):
+    return tf.cast(tf.cast(dy, tf.float32) * _gelu_slope(tf.cast(x, tf.float32)), x.dtype)
 
-    def _ln_bwd(dy, x, gamma, mu, rstd):
-        xhat = (tf.cast(x, tf.float32) - mu) * rstd
-        dyf = tf.cast(dy, tf.float32)
-        g = dyf * gamma
-        dx = rstd * (g - tf.reduce_mean(g, axis=-1, keepdims=True)
-                     - xhat * tf.reduce_mean(g * xhat, axis=-1, keepdims=True))
-        return tf.cast(dx, x.dtype), tf.reduce_sum(_rows(dyf * xhat), axis=0), tf.reduce_sum(_rows(dyf), axis=0)
 
-    # ------------------------------------------------------------------ cross-entropy
-    @_jit
-    def _xent_fwd(logits, labels):
-        lf = tf.cast(logits, tf.float32)
-        lse = tf.reduce_logsumexp(lf, axis=-1)
-        picked = tf.reduce_sum(lf * tf.one_hot(labels, tf.shape(lf)[-1], dtype=tf.float32), axis=-1)
-        return lse - picked, lse
+@tf.custom_gradient
+def _gelu(x):
+    return _gelu_fwd(x), lambda dy: _gelu_bwd(dy, x)
 
-    @_jit
-    def _xent_bwd(dl, logits, labels, lse):
-        lf = tf.cast(logits, tf.float32)
-        onehot = tf.one_hot(labels, tf.shape(lf)[-1], dtype=tf.float32)
-        return tf.cast((tf.exp(lf - lse[..., None]) - onehot) * dl[..., None], logits.dtype)
+
+# ------------------------------------------------------------------ masked softmax
+@_jit
+def _softmax_fwd(scores, mask, scale):
+    z = tf.where(mask, tf.cast(scores, tf.float32) * scale, MASKED)
+    return tf.cast(tf.nn.softmax(z, axis=-1), scores.dtype)
+
+
+@_jit
+def _softmax_bwd(dp, p, scale):
+    pf, dpf = tf.cast(p, tf.float32), tf.cast(dp, tf.float32)
+    ds = pf * (dpf - tf.reduce_sum(dpf * pf, axis=-1, keepdims=True)) * scale
+    return tf.cast(ds, dp.dtype)
+
+
+# ------------------------------------------------------------------ LayerNorm
+# Plain TensorFlow ops, no jit island: XLA's CPU row reductions made the island slower than these
+# (bench/RESULTS.md); the gain is the hand-written backward that reuses μ and 1/σ.
+def _ln_fwd(x, gamma, beta, epsilon):
+    xf = tf.cast(x, tf.float32)
+    mu = tf.reduce_mean(xf, axis=-1, keepdims=True)
+    xc = xf - mu
+    rstd = tf.math.rsqrt(tf.reduce_mean(xc * xc, axis=-1, keepdims=True) + epsilon)
+    return tf.cast(xc * rstd * gamma + beta, x.dtype), mu, rstd
+
+
+def _ln_bwd(dy, x, gamma, mu, rstd):
+    xhat = (tf.cast(x, tf.float32) - mu) * rstd
+    dyf = tf.cast(dy, tf.float32)
+    g = dyf * gamma
+    dx = rstd * (g - tf.reduce_mean(g, axis=-1, keepdims=True)
+                 - xhat * tf.reduce_mean(g * xhat, axis=-1, keepdims=True))
+    return tf.cast(dx, x.dtype), tf.reduce_sum(_rows(dyf * xhat), axis=0), tf.reduce_sum(_rows(dyf), axis=0)
+
+
+# ------------------------------------------------------------------ cross-entropy
+@_jit
+def _xent_fwd(logits, labels):
+    lf = tf.cast(logits, tf.float32)
+    lse = tf.reduce_logsumexp(lf, axis=-1)
+    picked = tf.reduce_sum(lf * tf.one_hot(labels, tf.shape(lf)[-1], dtype=tf.float32), axis=-1)
+    return lse - picked, lse
+
+
+@_jit
+def _xent_bwd(dl, logits, labels, lse):
+    lf = tf.cast(logits, tf.float32)
+    onehot = tf.one_hot(labels, tf.shape(lf)[-1], dtype=tf.float32)
+    return tf.cast((tf.exp(lf - lse[..., None]) - onehot) * dl[..., None], logits.dtype)
 
 
 # ============================================================================ the kernels
@@ -162,8 +135,6 @@ def gelu(x):
     from the saved input (cheaper than storing it). Folding the preceding bias add into the kernel
     measured slower on CPU (the bias gradient, a column sum, is slow in XLA), so the caller adds it.
     """
-    if not TENSORFLOW:
-        return keras_gelu(x)
     return _gelu(tf.convert_to_tensor(x))
 
 
@@ -176,8 +147,6 @@ def masked_softmax(scores, mask, scale=1.0):
     to a key; scale a Python float (1/√d_k). Computed in float32, returned in S's dtype. Masked entries
     get probability exactly 0. The backward uses the kept P (in S's dtype), no recomputation.
     """
-    if not TENSORFLOW:
-        return keras_masked_softmax(scores, mask, scale)
     mask = tf.cast(mask, tf.bool)
     scale = float(scale)
 
@@ -199,8 +168,6 @@ def layer_norm(x, gamma, beta, epsilon):
     forward pass for the backward (keeping x̂ instead measured no faster and costs a float32 (..., D)
     tensor per LayerNorm); y and dx in x's dtype, dγ and dβ (sums over all leading axes) in float32.
     """
-    if not TENSORFLOW:
-        return keras_layer_norm(x, gamma, beta, epsilon)
     epsilon = float(epsilon)
 
     @tf.custom_gradient
@@ -222,8 +189,6 @@ def cross_entropy(labels, logits, reduction="mean"):
     are not checked inside the compiled kernel).
     """
     _check_reduction(reduction)
-    if not TENSORFLOW:
-        return keras_cross_entropy(labels, logits, reduction)
     labels, logits = tf.cast(labels, tf.int32), tf.convert_to_tensor(logits)
     if not labels.shape.is_compatible_with(logits.shape[:-1]):
         raise ValueError(f"labels {tuple(labels.shape)} and logits {tuple(logits.shape)} do not match: "

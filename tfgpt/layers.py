@@ -6,7 +6,7 @@ H = n_heads, d_k = D/H, F = d_ff, V = vocab_size, L = n_layers. Shapes are given
 The attention, feed-forward and decoder-block layers are built from the one `GPTConfig` (nanoGPT's
 `Block(config)`): the hyperparameters are listed once, in tfgpt/config.py, and `get_config` is
 `{"config": config.to_dict()}`. Their element-wise and row-wise math (LayerNorm, GELU, masked softmax)
-runs in the fused kernels of `tfgpt.kernels` (hand-written gradients; plain `keras.ops` off TensorFlow).
+runs in the fused kernels of `tfgpt.kernels` (hand-written gradients).
 
 Mixed precision: matmuls run in the layer's compute dtype (e.g. bfloat16); the softmax, the
 LayerNorm statistics and (in the model) the logits are computed in float32.
@@ -112,15 +112,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     Input (B, T) int token ids -> output (B, T, D).
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        context: int,
-        d_model: int,
-        position_encoding: str = "learned",
-        init_std: float = INIT_STD,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, vocab_size: int, context: int, d_model: int, position_encoding: str = "learned",
+                 init_std: float = INIT_STD, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if position_encoding not in ("learned", "sinusoidal"):
             raise ValueError(f"position_encoding must be 'learned' or 'sinusoidal', got {position_encoding!r}")
@@ -129,22 +122,14 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.d_model = int(d_model)
         self.position_encoding = position_encoding
         self.init_std = float(init_std)
-        self._sinusoid = (
-            sinusoidal_table(self.context, self.d_model) if position_encoding == "sinusoidal" else None
-        )
+        self._sinusoid = sinusoidal_table(self.context, self.d_model) if position_encoding == "sinusoidal" else None
 
     def build(self, input_shape: tuple | None = None) -> None:
-        self.token_embeddings = self.add_weight(
-            name="token_embeddings",
-            shape=(self.vocab_size, self.d_model),
-            initializer=_normal(self.init_std),
-        )
+        self.token_embeddings = self.add_weight(name="token_embeddings", shape=(self.vocab_size, self.d_model),
+                                                initializer=_normal(self.init_std))
         if self.position_encoding == "learned":
-            self.position_embeddings = self.add_weight(
-                name="position_embeddings",
-                shape=(self.context, self.d_model),
-                initializer=_normal(self.init_std),
-            )
+            self.position_embeddings = self.add_weight(name="position_embeddings", shape=(self.context, self.d_model),
+                                                       initializer=_normal(self.init_std))
 
     def position_table(self):
         """P, shape (T_max, D)."""
@@ -195,28 +180,22 @@ class CausalSelfAttention(_ConfigLayer):
     """Masked multi-head scaled dot-product self-attention.
 
         [Q | K | V] = x W_QKV + b_QKV            (one fused projection, W_QKV ∈ ℝ^{D×3D})
-        head_h = Attention(Q_h, K_h, V_h) = softmax(Q_h K_hᵀ / √d_k + M) V_h,   h = 1 … H
+        Attention(Q, K, V) = softmax(Q Kᵀ / √d_k + M) V,   M_ij = 0 if key j ≤ query i, else −∞
+        head_h = Attention(Q_h, K_h, V_h),   h = 1 … H
         MHA(x) = Dropout(Concat(head_1, …, head_H) W_O + b_O)
 
-    The heads are folded into the batch: Q and V are laid out (B·H, T, d_k) and K as Kᵀ (B·H, d_k, T),
-    so QKᵀ and PV are plain 3-D batched matmuls (a transposed operand, or a 4-D one that XLA reshapes,
-    makes XLA copy the key/value cache at every decoding step). M is the causal mask:
-    M_ij = 0 where key j ≤ query i, masked otherwise; the scale 1/√d_k, the mask and the float32
-    softmax are one fused kernel (`kernels.masked_softmax`: masked scores become the most negative
-    float32, so nothing overflows in half precision and masked keys get probability exactly 0).
+    `call` reads as these lines: Q, K, V split into H heads of size d_k, the heads (`attention_fast_path`:
+    the equation, computed the fast way), W_O and the residual dropout. `attend` is the equation itself:
+    Q Kᵀ, the mask, the softmax, the product with V (scale, mask and float32 softmax are one fused kernel,
+    `kernels.masked_softmax`: masked scores become the most negative float32, so nothing overflows in
+    half precision and masked keys get probability exactly 0).
     Dropout: rate `config.attention_dropout` on the attention probabilities (nanoGPT's `attn_dropout`),
-    rate `config.dropout` on the output (the residual dropout, nanoGPT's `resid_dropout`). With a static
-    T divisible by `QUERY_BLOCKS`, the queries are cut into row blocks and block i attends only to the
-    keys it can see, skipping the fully masked upper-right blocks of the (T, T) score matrix.
-
-    `config.fast_attention` uses `keras.ops.dot_product_attention` (the backend's fused kernel)
-    instead, except while training with attention dropout (which that kernel does not support) and
-    when decoding with a cache.
+    rate `config.dropout` on the output (the residual dropout, nanoGPT's `resid_dropout`).
 
     Incremental decoding: `cache` is this layer's (Kᵀ, V) pair, Kᵀ (B·H, d_k, S) and V (B·H, S, d_k),
     holding the keys and values of earlier positions (`init_cache`); the T new keys/values are written
-    at slots `cache_index` … `cache_index`+T−1 with `slice_update` and the queries attend over all S
-    slots under the same causal rule j ≤ cache_index + i; returns (y, updated (Kᵀ, V)).
+    at slots `cache_index` … `cache_index`+T−1 and the queries attend over all S slots under the same
+    causal rule j ≤ cache_index + i; returns (y, updated (Kᵀ, V)).
 
     Input (B, T, D) -> output (B, T, D).
     """
@@ -240,24 +219,58 @@ class CausalSelfAttention(_ConfigLayer):
         self.qkv.build(input_shape)
         self.out_proj.build(tuple(input_shape[:-1]) + (self.d_model,))
 
-    def init_cache(self, batch_size, length, dtype: str | None = None) -> tuple:
-        """A zeroed (Kᵀ, V) cache of S = `length` slots: Kᵀ (B·H, d_k, S), V (B·H, S, d_k), in the
-        compute dtype by default."""
-        dtype = dtype or self.compute_dtype
-        rows = batch_size * self.n_heads
-        return ops.zeros((rows, self.head_dim, length), dtype), ops.zeros((rows, length, self.head_dim), dtype)
+    def call(self, x, training=None, cache=None, cache_index=None):
+        batch, seq_len = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (batch, seq_len, 3, self.n_heads, self.head_dim))  # (B, T, 3, H, d_k)
+        # unstack, not qkv[:, :, i]: strided-slice gradients each write a zero-filled copy of the whole
+        # tensor (measured in bench/RESULTS.md); unstack's gradient is one stack.
+        q, k, v = ops.unstack(qkv, 3, axis=2)  # Q, K, V: each (B, T, H, d_k)
+        heads, cache = self.attention_fast_path(q, k, v, training, cache, cache_index)  # (B, T, H, d_k)
+        y = self.out_proj(ops.reshape(heads, (batch, seq_len, self.d_model)))  # Concat(head_1 … head_H) W_O
+        y = self.resid_dropout(y, training=training)
+        return y if cache is None else (y, cache)
 
     def attend(self, q, kt, v, mask, training=None):
         """softmax(Q Kᵀ/√d_k + M) V for q (B·H, T, d_k), kt = Kᵀ (B·H, d_k, S), v (B·H, S, d_k),
-        mask (T, S) bool (True = may attend) -> (B·H, T, d_k)."""
-        scores = ops.matmul(q, kt)  # (B·H, T, S), compute dtype
-        probs = kernels.masked_softmax(scores, mask, 1.0 / math.sqrt(self.head_dim))
+        mask (T, S) bool (True = may attend, i.e. M = 0) -> (B·H, T, d_k)."""
+        scores = ops.matmul(q, kt)  # Q Kᵀ (B·H, T, S), compute dtype
+        probs = kernels.masked_softmax(scores, mask, 1.0 / math.sqrt(self.head_dim))  # float32 inside
         probs = self.probs_dropout(probs, training=training)
         return ops.matmul(probs, v)  # (B·H, T, d_k)
 
-    def causal(self, q, kt, v, training=None):
+    # ------------------------------------------------------------------ the fast path
+    def attention_fast_path(self, q, k, v, training=None, cache=None, cache_index=None):
+        """The heads softmax(Q Kᵀ/√d_k + M) V of q, k, v (B, T, H, d_k) -> ((B, T, H, d_k), updated cache
+        or None), computed the fast way:
+
+        * `config.fast_attention`: `keras.ops.dot_product_attention`, the backend's fused kernel (not
+          while training with attention dropout, which it does not support, nor with a cache);
+        * otherwise the heads are folded into the batch, Q and V as (B·H, T, d_k) and K as Kᵀ
+          (B·H, d_k, T), so Q Kᵀ and P V are plain 3-D batched matmuls (a transposed operand, or a 4-D
+          one that XLA reshapes, makes XLA copy the key/value cache at every decoding step), and `attend`
+          runs on them: over the cache (`_cached`) or, without one, in query blocks (`_query_blocks`).
+        """
+        batch, seq_len = ops.shape(q)[0], ops.shape(q)[1]
+        dropout_active = bool(training) and self.config.attention_dropout > 0
+        if self.config.fast_attention and cache is None and not dropout_active:
+            return ops.dot_product_attention(q, k, v, is_causal=True), None
+
+        rows = batch * self.n_heads
+        q = ops.reshape(ops.transpose(q, (0, 2, 1, 3)), (rows, seq_len, self.head_dim))  # (B·H, T, d_k)
+        v = ops.reshape(ops.transpose(v, (0, 2, 1, 3)), (rows, seq_len, self.head_dim))
+        kt = ops.reshape(ops.transpose(k, (0, 2, 3, 1)), (rows, self.head_dim, seq_len))  # Kᵀ (B·H, d_k, T)
+        if cache is None:
+            y = self._query_blocks(q, kt, v, training)
+        else:
+            y, cache = self._cached(q, kt, v, cache, cache_index, training)
+        y = ops.reshape(y, (batch, self.n_heads, seq_len, self.head_dim))
+        return ops.transpose(y, (0, 2, 1, 3)), cache  # (B, T, H, d_k)
+
+    def _query_blocks(self, q, kt, v, training=None):
         """Causal attention of T queries over the same T keys: q, v (B·H, T, d_k), kt (B·H, d_k, T)
-        -> (B·H, T, d_k)."""
+        -> (B·H, T, d_k). With a static T divisible by `QUERY_BLOCKS`, the queries are cut into row
+        blocks and block i attends only to the keys it can see, skipping the fully masked upper-right
+        blocks of the (T, T) score matrix."""
         seq_len = q.shape[1]
         if not isinstance(seq_len, int) or seq_len % QUERY_BLOCKS or seq_len < 2 * QUERY_BLOCKS:
             length = ops.shape(q)[1]
@@ -273,39 +286,25 @@ class CausalSelfAttention(_ConfigLayer):
             outputs.append(self.attend(q_i, kt_i, v_i, mask, training=training))
         return ops.concatenate(outputs, axis=1)
 
-    def call(self, x, training=None, cache=None, cache_index=None):
-        batch, seq_len = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (batch, seq_len, 3, self.n_heads, self.head_dim))  # (B, T, 3, H, d_k)
-        # unstack, not qkv[:, :, i]: strided-slice gradients each write a zero-filled copy of the whole
-        # tensor (measured in bench/RESULTS.md); unstack's gradient is one stack.
-        q, k, v = ops.unstack(qkv, 3, axis=2)  # each (B, T, H, d_k)
+    def _cached(self, q, kt, v, cache, cache_index, training=None):
+        """Write the T new keys Kᵀ (B·H, d_k, T) and values (B·H, T, d_k) into the (Kᵀ, V) cache at slots
+        cache_index … with `slice_update` (in place under XLA, at a traced index) and attend over all S
+        slots: -> ((B·H, T, d_k), updated (Kᵀ, V))."""
+        keys_t, values = cache
+        start = ops.cast(cache_index, "int32")
+        zero = ops.zeros((), "int32")
+        keys_t = ops.slice_update(keys_t, (zero, zero, start), ops.cast(kt, keys_t.dtype))  # (B·H, d_k, S)
+        values = ops.slice_update(values, (zero, start, zero), ops.cast(v, values.dtype))  # (B·H, S, d_k)
+        mask = causal_mask(ops.shape(q)[1], ops.shape(values)[1], start)
+        y = self.attend(q, ops.cast(keys_t, q.dtype), ops.cast(values, q.dtype), mask, training=training)
+        return y, (keys_t, values)
 
-        dropout_active = bool(training) and self.config.attention_dropout > 0
-        if self.config.fast_attention and cache is None and not dropout_active:
-            y = ops.dot_product_attention(q, k, v, is_causal=True)
-            y = self.out_proj(ops.reshape(y, (batch, seq_len, self.d_model)))
-            return self.resid_dropout(y, training=training)
-
-        rows = batch * self.n_heads
-        q = ops.reshape(ops.transpose(q, (0, 2, 1, 3)), (rows, seq_len, self.head_dim))  # (B·H, T, d_k)
-        v = ops.reshape(ops.transpose(v, (0, 2, 1, 3)), (rows, seq_len, self.head_dim))
-        kt = ops.reshape(ops.transpose(k, (0, 2, 3, 1)), (rows, self.head_dim, seq_len))  # Kᵀ (B·H, d_k, T)
-        if cache is None:
-            y = self.causal(q, kt, v, training=training)
-        else:
-            keys_t, values = cache
-            start = ops.cast(cache_index, "int32")
-            zero = ops.zeros((), "int32")
-            keys_t = ops.slice_update(keys_t, (zero, zero, start), ops.cast(kt, keys_t.dtype))  # (B·H, d_k, S)
-            values = ops.slice_update(values, (zero, start, zero), ops.cast(v, values.dtype))  # (B·H, S, d_k)
-            mask = causal_mask(seq_len, ops.shape(values)[1], start)
-            y = self.attend(q, ops.cast(keys_t, q.dtype), ops.cast(values, q.dtype), mask, training=training)
-            cache = (keys_t, values)
-
-        y = ops.reshape(y, (batch, self.n_heads, seq_len, self.head_dim))
-        y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (batch, seq_len, self.d_model))  # Concat(head_1..H)
-        y = self.resid_dropout(self.out_proj(y), training=training)
-        return y if cache is None else (y, cache)
+    def init_cache(self, batch_size, length, dtype: str | None = None) -> tuple:
+        """A zeroed (Kᵀ, V) cache of S = `length` slots: Kᵀ (B·H, d_k, S), V (B·H, S, d_k), in the
+        compute dtype by default."""
+        dtype = dtype or self.compute_dtype
+        rows = batch_size * self.n_heads
+        return ops.zeros((rows, self.head_dim, length), dtype), ops.zeros((rows, length, self.head_dim), dtype)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
