@@ -42,7 +42,6 @@ from tfgpt.data import (  # noqa: E402
     make_dataset,
     num_windows,
     token_stream,
-    token_stream_info,
 )
 from tfgpt.tokenizer import Tokenizer  # noqa: E402
 
@@ -225,7 +224,7 @@ def main() -> None:
         t0 = time.perf_counter()
         tokens = token_stream(src, tok, "all", cache_dir=work / "cache-2")
         rows.append(("token_stream second call (cache hit)", f"{(time.perf_counter() - t0) * 1e3:.1f} ms"))
-        info = token_stream_info(src, tok, "all", cache_dir=work / "cache-2")
+        info = token_stream(src, tok, "all", cache_dir=work / "cache-2", with_info=True)[1]
         bytes_per_token = info["bytes"] / info["tokens"]
         rows.append(("tokens / cache size", f"{info['tokens']:,} tokens, {tokens.nbytes / 1e6:.0f} MB uint16 "
                                             f"({bytes_per_token:.2f} text bytes per stream token)"))

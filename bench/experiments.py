@@ -125,10 +125,10 @@ def _tensor_value(proto: Any) -> Any:
 
 def dev_text_size(tokenizer: str) -> tuple[int, int]:
     """(tokens, UTF-8 bytes) of the dev split (from the token cache)."""
-    from tfgpt.data import token_stream_info
+    from tfgpt.data import token_stream
     from tfgpt.tokenizer import Tokenizer
 
-    info = token_stream_info(DATA, Tokenizer.load(tokenizer), "dev", dev_fraction=DEV_FRACTION, progress=False)
+    info = token_stream(DATA, Tokenizer.load(tokenizer), "dev", dev_fraction=DEV_FRACTION, progress=False, with_info=True)[1]
     return int(info["tokens"]), int(info["bytes"])
 
 

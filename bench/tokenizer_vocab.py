@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import keras  # noqa: E402
 
 from tfgpt import GPT, GPTConfig  # noqa: E402
-from tfgpt.data import load_stories, make_dataset, steps_per_epoch, token_stream, token_stream_info  # noqa: E402
+from tfgpt.data import load_stories, make_dataset, steps_per_epoch, token_stream  # noqa: E402
 from tfgpt.tokenizer import train_tokenizer  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def run_size(args: argparse.Namespace, vocab: int, work: Path) -> dict[str, floa
     cache = work / "tokens"
     train = token_stream(args.data, tok, "train", cache_dir=cache, progress=False, **dev)
     val = token_stream(args.data, tok, held_out, cache_dir=cache, progress=False, **dev)
-    val_info = token_stream_info(args.data, tok, held_out, cache_dir=cache, progress=False, **dev)
+    val_info = token_stream(args.data, tok, held_out, cache_dir=cache, progress=False, **dev, with_info=True)[1]
     text_tokens = val_info["tokens"] - val_info["stories"] - 1  # without the eos separators
 
     keras.utils.set_random_seed(args.seed)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgpt import data as data_module
+from tfgpt import token_cache as cache_module
 from tfgpt.data import (
     DataError,
     epoch_order,
@@ -23,7 +23,6 @@ from tfgpt.data import (
     steps_per_epoch,
     story_hash_fraction,
     token_stream,
-    token_stream_info,
 )
 from tfgpt.tokenizer import Tokenizer, train_tokenizer
 
@@ -152,7 +151,7 @@ def test_hub_id_goes_through_load_dataset(monkeypatch, tmp_path, tok):
     first = token_stream("someone/stories", tok, "validation", **kw)
     second = token_stream("someone/stories", tok, "validation", **kw)
     assert len(calls) == 1 and np.array_equal(first, second)
-    assert token_stream_info("someone/stories", tok, "validation", **kw)["stories"] == len(VALID)
+    assert token_stream("someone/stories", tok, "validation", **kw, with_info=True)[1]["stories"] == len(VALID)
 
 
 def test_directory_of_text_files_splits_by_name(tmp_path):
@@ -267,10 +266,10 @@ def test_train_fraction_keeps_nested_hash_chosen_subsets_of_train_only(tmp_path,
     # independent of the dev hash: dev stories are not the ones the subset drops
     assert abs(sum(story_hash_fraction(s, "subset") < 0.5 for s in stories) / 800 - 0.5) < 0.06
     ckw = {"cache_dir": tmp_path / "cache", "workers": 1, "progress": False, **kw}
-    full_info = token_stream_info(path, tok, "train", **ckw)
-    quarter_info = token_stream_info(path, tok, "train", train_fraction=0.25, **ckw)
+    full_info = token_stream(path, tok, "train", **ckw, with_info=True)[1]
+    quarter_info = token_stream(path, tok, "train", train_fraction=0.25, **ckw, with_info=True)[1]
     assert full_info["key"] != quarter_info["key"] and quarter_info["stories"] == len(quarter)
-    assert token_stream_info(path, tok, "train", train_fraction=1.0, **ckw)["key"] == full_info["key"]
+    assert token_stream(path, tok, "train", train_fraction=1.0, **ckw, with_info=True)[1]["key"] == full_info["key"]
     with pytest.raises(DataError, match=r"train_fraction must be in \(0, 1\], got 0"):
         list(load_stories(path, "train", train_fraction=0))
 
@@ -279,9 +278,9 @@ def test_dev_split_token_streams_are_cached_separately(tmp_path, tok):
     stories = [f"Story {i}: Mia saw {i % 5} red birds." for i in range(300)]
     path = str(write(tmp_path / "s.txt", blank_text(stories)))
     kw = {"cache_dir": tmp_path / "cache", "workers": 1, "progress": False, "val_fraction": 0.1}
-    full = token_stream_info(path, tok, "train", **kw)
-    train = token_stream_info(path, tok, "train", dev_fraction=0.2, **kw)
-    dev = token_stream_info(path, tok, "dev", dev_fraction=0.2, **kw)
+    full = token_stream(path, tok, "train", **kw, with_info=True)[1]
+    train = token_stream(path, tok, "train", dev_fraction=0.2, **kw, with_info=True)[1]
+    dev = token_stream(path, tok, "dev", dev_fraction=0.2, **kw, with_info=True)[1]
     assert len({full["key"], train["key"], dev["key"]}) == 3
     assert train["stories"] + dev["stories"] == full["stories"]
     assert train["tokens"] + dev["tokens"] == full["tokens"] + 1  # each stream starts with one eos
@@ -297,14 +296,14 @@ def test_token_stream_layout_and_cache(tmp_path, tok, monkeypatch):
         expected += tok.encode(s) + [tok.eos_id]
     assert tokens.dtype == np.uint16 and isinstance(tokens, np.memmap)
     np.testing.assert_array_equal(tokens, expected)
-    info = token_stream_info(str(path), tok, "all", cache_dir=cache, progress=False)
+    info = token_stream(str(path), tok, "all", cache_dir=cache, progress=False, with_info=True)[1]
     assert info["tokens"] == len(expected) and info["stories"] == len(STORIES)
     assert info["bytes"] == sum(len(s.encode()) for s in STORIES)
 
     def no_tokenising(*args, **kwargs):
         raise AssertionError("cache miss: the stream was tokenised again")
 
-    monkeypatch.setattr(data_module, "_write_stream", no_tokenising)
+    monkeypatch.setattr(cache_module, "_write_stream", no_tokenising)
     again = token_stream(str(path), tok, "all", cache_dir=cache, progress=False)
     np.testing.assert_array_equal(again, tokens)
     assert sorted(p.suffix for p in cache.iterdir()) == [".bin", ".json"]  # no temp files left behind
@@ -315,20 +314,20 @@ def test_cache_key_changes_with_tokenizer_split_and_file(tmp_path, tok):
     other_tok = train_tokenizer(STORIES * 3, 340, tmp_path / "tok2")
     cache = tmp_path / "cache"
     kw = {"cache_dir": cache, "progress": False, "workers": 1}
-    a = token_stream_info(str(path), tok, "train", val_fraction=0.3, **kw)
-    b = token_stream_info(str(path), other_tok, "train", val_fraction=0.3, **kw)
-    c = token_stream_info(str(path), tok, "train", val_fraction=0.5, **kw)
-    d = token_stream_info(str(path), tok, "validation", val_fraction=0.3, **kw)
+    a = token_stream(str(path), tok, "train", val_fraction=0.3, **kw, with_info=True)[1]
+    b = token_stream(str(path), other_tok, "train", val_fraction=0.3, **kw, with_info=True)[1]
+    c = token_stream(str(path), tok, "train", val_fraction=0.5, **kw, with_info=True)[1]
+    d = token_stream(str(path), tok, "validation", val_fraction=0.3, **kw, with_info=True)[1]
     assert len({a["key"], b["key"], c["key"], d["key"]}) == 4
     write(path, blank_text(STORIES[:3]))  # new size and mtime: a new key, new tokens
-    e = token_stream_info(str(path), tok, "all", **kw)
+    e = token_stream(str(path), tok, "all", **kw, with_info=True)[1]
     assert e["stories"] == 3
 
 
 def test_parallel_tokenising_matches_serial(tmp_path, tok, monkeypatch):
     path = write(tmp_path / "s.txt", blank_text(STORIES * 200))
-    chunks = data_module._chunks
-    monkeypatch.setattr(data_module, "_chunks", lambda stories: chunks(stories, max_chars=2000))  # many chunks
+    chunks = cache_module._chunks
+    monkeypatch.setattr(cache_module, "_chunks", lambda stories: chunks(stories, max_chars=2000))  # many chunks
     serial = token_stream(str(path), tok, "all", cache_dir=tmp_path / "c1", workers=1, progress=False)
     parallel = token_stream(str(path), tok, "all", cache_dir=tmp_path / "c2", workers=2, progress=False)
     np.testing.assert_array_equal(serial, parallel)

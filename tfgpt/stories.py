@@ -26,40 +26,36 @@ Train subsets (for data-scaling curves): with `train_fraction` < 1 the train spl
 `hash_subset(story) < train_fraction`, a third independent hash, so the 25 % subset lies inside the 50 % one
 and the dev and validation splits are unchanged.
 
-`tfgpt.data` turns the stories of a split into tokens; this module knows nothing of tokenizers.
+`tfgpt.story_files` reads the local files; `tfgpt.data` turns the stories of a split into tokens; this module
+knows nothing of tokenizers.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import itertools
 import json
-import lzma
 import os
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfgpt.common import BUNDLED_DATA, EOT, HF_SOURCE
+from tfgpt.common import BUNDLED_DATA, HF_SOURCE
+from tfgpt.story_files import (  # noqa: F401  (DataError and the suffixes are re-exported)
+    ALL_SUFFIXES,
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    TEXT_SUFFIXES,
+    DataError,
+    iter_file,
+)
 
 SPLITS = ("train", "dev", "validation", "all")
 _SPLIT_ALIASES = {"train": "train", "dev": "dev", "validation": "validation", "valid": "validation", "val": "validation",
                   "all": "all"}
 _VALID_SPLIT_KEYS = ("validation", "valid", "val")
-TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
-PARQUET_SUFFIXES = (".parquet",)
-ALL_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
-_SNIFF_BYTES = 4 << 20  # how much of a text file is read to tell the two layouts apart
-
-
-class DataError(ValueError):
-    """A data source or pipeline setting is unusable; the message says which and how to fix it."""
 
 
 # =============================================================================================== sources
@@ -104,13 +100,9 @@ def iter_source(resolved: ResolvedSource) -> Iterator[str]:
         story = story.strip()
         if not story:
             continue
-        if resolved.hash_side is not None and (
-            (story_hash_fraction(story) < resolved.val_fraction) != (resolved.hash_side == "validation")
-        ):
+        if resolved.hash_side is not None and not on_side(story, resolved.hash_side, resolved.val_fraction):
             continue
-        if resolved.dev_side is not None and (
-            (story_hash_fraction(story, "dev") < resolved.dev_fraction) != (resolved.dev_side == "dev")
-        ):
+        if resolved.dev_side is not None and not on_side(story, resolved.dev_side, resolved.dev_fraction, "dev"):
             continue
         if resolved.train_fraction < 1.0 and story_hash_fraction(story, "subset") >= resolved.train_fraction:
             continue
@@ -126,6 +118,13 @@ def story_hash_fraction(story: str, salt: str = "") -> float:
     ("dev" for the dev split) gives an independent number for a second split."""
     digest = hashlib.blake2b(story.encode("utf-8"), digest_size=8, salt=salt.encode()[:16]).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+def on_side(story: str, side: str, fraction: float, held_out: str = "validation") -> bool:
+    """The hash-split filter: whether `story` lies on `side` ("train", or `held_out`) of the split that sends
+    the stories with hash(story) < fraction to `held_out` ("validation"; "dev", with its own salt "dev")."""
+    salt = "" if held_out == "validation" else held_out
+    return (story_hash_fraction(story, salt) < fraction) == (side == held_out)
 
 
 def _normalise_split(split: str) -> str:
@@ -255,129 +254,10 @@ def _resolve_files(root: Path, files: list[Path], split: str, val_fraction: floa
         split=split,
         description=str(root),
         identity={"kind": "files", "files": _file_identity(chosen), **rule},
-        iter_raw=lambda: itertools.chain.from_iterable(_iter_file(p) for p in chosen),
+        iter_raw=lambda: itertools.chain.from_iterable(iter_file(p) for p in chosen),
         hash_side=hash_side,
         val_fraction=val_fraction if hash_side else 0.0,
     )
-
-
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    name = path.name.lower()
-    if name.endswith(".xz"):
-        return lzma.open(path, "rb")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def _iter_file(path: Path) -> Iterator[str]:
-    name = path.name.lower()
-    try:
-        if name.endswith(PARQUET_SUFFIXES):
-            yield from _iter_parquet(path)
-        elif name.endswith(JSONL_SUFFIXES):
-            yield from _iter_jsonl(path)
-        else:
-            yield from _iter_text(path)
-    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt or truncated compressed file ({exc}); re-download or recompress it") from None
-
-
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(byte offset, decoded line with "\\n") of a possibly compressed UTF-8 file; CRLF becomes LF."""
-    compressed = path.name.lower().endswith((".xz", ".gz"))
-    offset = 0
-    with _open_binary(path) as f:
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                where = "of the decompressed text" if compressed else ""
-                raise DataError(
-                    f"{path}: invalid UTF-8 at byte offset {offset + exc.start} {where}".rstrip()
-                    + "; convert the file to UTF-8"
-                ) from None
-            if offset == 0 and line.startswith("\ufeff"):
-                line = line[1:]
-            if line.endswith("\r\n"):
-                line = line[:-2] + "\n"
-            yield offset, line
-            offset += len(raw)
-
-
-def _iter_text(path: Path) -> Iterator[str]:
-    """Stories of a text file, `<|endoftext|>` layout or blank-line layout (sniffed from the start)."""
-    with _open_binary(path) as f:
-        head = f.read(_SNIFF_BYTES)
-    if not head.strip():
-        raise DataError(f"{path} is empty; expected stories separated by {EOT} lines or blank lines")
-    if EOT.encode() in head:
-        yield from _iter_eot_layout(path)
-    else:
-        yield from _iter_blank_layout(path)
-
-
-def _iter_eot_layout(path: Path) -> Iterator[str]:
-    parts: list[str] = []
-    for _, line in _iter_lines(path):
-        if EOT in line:
-            pieces = line.split(EOT)
-            for piece in pieces[:-1]:
-                parts.append(piece)
-                yield "".join(parts)
-                parts = []
-            parts.append(pieces[-1])
-        else:
-            parts.append(line)
-    tail = "".join(parts)
-    if tail.strip() and _ends_whole(tail):  # a last story without a separator after it: scored too
-        yield tail
-
-
-def _ends_whole(text: str) -> bool:
-    """Whether text after the last separator is a whole story: it ends with a line break or with closing
-    punctuation. A file cut at a byte count (the bundled 2 MiB head) ends mid-sentence: that tail is dropped."""
-    return text.endswith("\n") or text.rstrip().endswith((".", "!", "?", '"', "'", "\u201d", "\u2019"))
-
-
-def _iter_blank_layout(path: Path) -> Iterator[str]:
-    parts: list[str] = []
-    for _, line in _iter_lines(path):
-        if line.strip():
-            parts.append(line)
-        elif parts:
-            yield "".join(parts)
-            parts = []
-    if parts:
-        yield "".join(parts)
-
-
-def _iter_jsonl(path: Path) -> Iterator[str]:
-    for lineno, (_, line) in enumerate(_iter_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
-        yield record["text"]
-
-
-def _iter_parquet(path: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
-    if "text" not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
-    for batch in pf.iter_batches(columns=["text"], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield text
 
 
 # ------------------------------------------------------------------------------- datasets / the Hub
@@ -454,9 +334,7 @@ def _resolve_hub(source: str, split: str, val_fraction: float, streaming: bool) 
         key, hash_side = _pick_splits(keys, split, source)
         for part in [obj[k] for k in keys] if split == "all" else [obj[key]]:
             for story in _dataset_stories(part, f"{source} [{key}]"):
-                if hash_side is None or (
-                    (story_hash_fraction(story.strip()) < val_fraction) == (hash_side == "validation")
-                ):
+                if hash_side is None or on_side(story.strip(), hash_side, val_fraction):
                     yield story
 
     return ResolvedSource(
