@@ -26,7 +26,7 @@ from tfgpt.cli import (
     non_negative_int_arg,
     positive_int_arg,
 )
-from tfgpt.common import BUNDLED_DATA, HF_SOURCE, REPO_ROOT, repo_relative, write_json
+from tfgpt.common import BUNDLED_DATA, HF_SOURCE, REPO_ROOT, repo_relative
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -69,28 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     model, tokenizer = load_or_exit(args.model, args.tokenizer)
 
-    from tfgpt.evaluation import EvaluationError, evaluate_source, report_lines, sample_quality
-    from tfgpt.runs import DEFAULT_MODEL
+    from tfgpt.evaluation import EvaluationError, run_evaluation
 
     try:
-        record = evaluate_source(model, tokenizer, args.data, args.split, stride=args.stride,
-                                 batch_size=args.batch_size, max_stories=args.max_stories,
-                                 progress=not args.no_progress)
-        samples = None
-        if args.samples:
-            stats, _ = sample_quality(model, tokenizer, args.samples, max_new_tokens=args.sample_tokens,
-                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      seed=args.seed, jit_compile=args.xla)
-            samples = {**stats, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                       "seed": args.seed, "max_new_tokens": args.sample_tokens}
+        run_evaluation(model, tokenizer, model_path=args.model, data=args.data, split=args.split, stride=args.stride,
+                       batch_size=args.batch_size, max_stories=args.max_stories, samples=args.samples,
+                       sample_tokens=args.sample_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, jit_compile=args.xla, progress=not args.no_progress,
+                       json_path=args.json)
     except EvaluationError as exc:
         fail(str(exc))
-    record = {"model": repo_relative(args.model or DEFAULT_MODEL), "parameters": model.count_params(),
-              **record, "data": repo_relative(args.data), "samples": samples}
-    print("\n".join(report_lines(record)))
-    if args.json:
-        write_json(args.json, record)
-        print(f"wrote {args.json}")
     return 0
 
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 import collections
 import math
 import re
+import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 import tensorflow as tf
@@ -327,3 +329,50 @@ def report_lines(record: dict[str, Any]) -> list[str]:
             f"ended with end-of-text {s['eos_rate']:.1%}"
         )
     return lines
+
+
+def run_evaluation(
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_path: str | Path | None,
+    data: str,
+    split: str | None = None,
+    stride: int | None = None,
+    batch_size: int = 16,
+    max_stories: int | None = None,
+    samples: int = 32,
+    sample_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    jit_compile: bool = True,
+    progress: bool = True,
+    json_path: str | Path | None = None,
+    out: TextIO | None = None,
+) -> dict[str, Any]:
+    """What `python evaluate.py` does: `evaluate_source`, then `samples` stories from scratch for
+    `sample_quality` (0 = none), the `report_lines` printed to `out` (stdout), and the record written to
+    `json_path` when given. `model_path` names the model in the record (None = the shipped run).
+    Returns the record; raises EvaluationError."""
+    from tfgpt.common import repo_relative, write_json
+    from tfgpt.runs import DEFAULT_MODEL
+
+    out = out or sys.stdout
+    record = evaluate_source(model, tokenizer, data, split, stride=stride, batch_size=batch_size,
+                             max_stories=max_stories, progress=progress)
+    quality = None
+    if samples:
+        stats, _ = sample_quality(model, tokenizer, samples, max_new_tokens=sample_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, jit_compile=jit_compile)
+        quality = {**stats, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                   "max_new_tokens": sample_tokens}
+    record = {"model": repo_relative(model_path or DEFAULT_MODEL), "parameters": model.count_params(),
+              **record, "data": repo_relative(data), "samples": quality}
+    print("\n".join(report_lines(record)), file=out)
+    if json_path:
+        write_json(json_path, record)
+        print(f"wrote {json_path}", file=out)
+    return record
+

@@ -106,9 +106,12 @@ def pin_tokenizer(run_dir: str | Path, tokenizer: Any) -> str:
     return PINNED_TOKENIZER
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
-    """run_dir/config.json as a dict (None when there is none); RunError with one line when it is not JSON."""
-    config_file = Path(run_dir) / "config.json"
+def read_run_config(path: str | Path) -> dict[str, Any] | None:
+    """A run's config.json as a dict: `path` is the run directory or the config file itself (a `.json` path).
+    None when there is none; RunError with one line when it is not JSON or not a JSON object. The one place
+    config.json is parsed (loading a run, resuming it, `train_keras.py --config/--resume`)."""
+    path = Path(path)
+    config_file = path if path.suffix == ".json" or path.is_file() else path / "config.json"
     if not config_file.is_file():
         return None
     try:
@@ -117,7 +120,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
         raise RunError(f"{config_file} is not valid JSON ({str(exc).splitlines()[0]}); restore it from the run "
                        "or delete it and pass --tokenizer") from None
     if not isinstance(config, dict):
-        raise RunError(f"{config_file} is not a run config (a JSON object); restore it or delete it")
+        raise RunError(f"{config_file} is not a tfgpt run config (not a JSON object); restore it or delete it")
     return config
 
 

@@ -21,6 +21,7 @@ Modules, in the order a run uses them:
   strategy   tf.distribute strategy, precision, XLA; compile_model (the one model set-up)
   callbacks  RunMonitor, StepTensorBoard, BestModelCheckpoint, StateBackup
   resume     which run a job continues: find_run, a finished run, a changed tokenizer refused
+  setup      a run's data (token streams, batches), plan (steps, schedule) and hardware
   job        train(): the steps of a run, each a function
 Run directories on disk (backups, RunState, config.json) are `tfgpt.runs`, a floor below this package:
 `tfgpt.runs` never imports `tfgpt.training`.
@@ -52,14 +53,15 @@ _LAZY = {
     "strategy": ("CPU_AUTO_PRECISION", "CPU_AUTO_XLA", "MultiWorkerStrategy", "compile_model", "resolve_strategy",
                  "resolve_precision", "resolve_xla", "strategy_kind", "is_chief", "on_cpu"),
     "callbacks": ("RunMonitor", "StepTensorBoard", "BestModelCheckpoint", "StateBackup"),
-    "job": ("train", "fit_plan", "HubUnavailableError", "SAMPLE_PROMPTS"),
+    "job": ("train", "fit_plan", "SAMPLE_PROMPTS"),
+    "setup": ("HubUnavailableError",),
     "resume": ("find_run",),
 }
 _WHERE = {name: f"tfgpt.training.{module}" for module, names in _LAZY.items() for name in names}
 
 if TYPE_CHECKING:  # what the lazy names are, for IDEs and type checkers (importing them needs TensorFlow)
     from tfgpt.training.callbacks import BestModelCheckpoint, RunMonitor, StateBackup, StepTensorBoard
-    from tfgpt.training.job import SAMPLE_PROMPTS, HubUnavailableError, fit_plan, train
+    from tfgpt.training.job import SAMPLE_PROMPTS, fit_plan, train
     from tfgpt.training.optim import (
         AdamW,
         WarmupCosine,
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # what the lazy names are, for IDEs and type checkers (import
         no_decay_variables,
     )
     from tfgpt.training.resume import find_run
+    from tfgpt.training.setup import HubUnavailableError
     from tfgpt.training.strategy import (
         CPU_AUTO_PRECISION,
         CPU_AUTO_XLA,

@@ -13,6 +13,7 @@ from typing import Any
 
 from tfgpt.common import BUNDLED_DATA, HF_SOURCE, repo_relative
 from tfgpt.config import PRESETS, ConfigError, GPTConfig
+from tfgpt.runs import RunError, read_run_config
 from tfgpt.stories import looks_like_path
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -287,9 +288,9 @@ def read_train_section(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise TrainConfigError(f"{what}: {path} does not exist; pass a run's config.json")
     try:
-        train = json.loads(path.read_text()).get("train")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        train = None
+        train = (read_run_config(path) or {}).get("train")
+    except RunError as exc:
+        raise TrainConfigError(f"{what}: {exc}") from None
     if not isinstance(train, dict):
         raise TrainConfigError(f"{what}: {path} is not a tfgpt run config (no 'train' section)")
     return dict(train)
