@@ -1,4 +1,4 @@
-"""The package's shape (the architecture map): no import circles, no module over ~600 lines, the
+"""The package's shape (the architecture map): no import circles, no module over 400 lines, the
 modules that promise it import without TensorFlow, and nothing refers to files outside the repository."""
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ def test_training_names_are_listed_where_an_ide_sees_them():
         assert hasattr(importlib.import_module(module), name), (name, module)
 
 
-def test_no_module_over_600_lines():
+def test_no_module_over_400_lines():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    assert {k: v for k, v in sizes.items() if v > 620} == {}
+    assert {k: v for k, v in sizes.items() if v > 400} == {}
 
 
 def test_light_modules_import_without_tensorflow():
-    code = ("import sys; import tfgpt, tfgpt.config, tfgpt.common, tfgpt.stories, tfgpt.cli, tfgpt.training, "
-            "tfgpt.training.config; assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    code = ("import sys; import tfgpt, tfgpt.config, tfgpt.common, tfgpt.stories, tfgpt.story_files, tfgpt.cli, "
+            "tfgpt.training, tfgpt.training.config; assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

@@ -23,6 +23,7 @@ Randomness is stateless: row r's draw at position `step` depends only on its log
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -95,7 +96,8 @@ class Sampler:
     def greedy(logits: tf.Tensor) -> tf.Tensor:
         return tf.argmax(logits, axis=-1, output_type=tf.int32)
 
-    def tempered(self, logits, settings: SamplingSettings, seeds, step, top_k, top_p) -> tf.Tensor:
+    def tempered(self, logits: tf.Tensor, settings: SamplingSettings, seeds: tf.Tensor, step: tf.Tensor,
+                 top_k: tf.Tensor, top_p: tf.Tensor) -> tf.Tensor:
         """Greedy at τ = 0, else a draw from softmax(filter_logits(l / τ, top_k, top_p))."""
 
         def draw():
@@ -113,7 +115,7 @@ class Sampler:
 SAMPLERS: dict[str, type[Sampler]] = {}
 
 
-def register_sampler(name: str):
+def register_sampler(name: str) -> Callable[[type[Sampler]], type[Sampler]]:
     """Class decorator: make a `Sampler` subclass available as `get_sampler(name)` / `generate(sampler=name)`."""
 
     def register(cls: type[Sampler]) -> type[Sampler]:
