@@ -83,8 +83,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 0.8,
     parser.add_argument("--top-p", type=top_p_arg, default=1.0, help="sample from the nucleus of mass p (1 = off)")
     parser.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=xla,
-                        help="compile the decoding loop with XLA: ~4x faster per token, but ~1-5 s to compile per "
-                             "shape" + (" [default: on for --interactive, off for one batch]" if xla is None else ""))
+                        help="compile the decoding loop with XLA: faster per token, but seconds to compile per shape "
+                             "(figures: bench/RESULTS.md)" + (" [default: on for --interactive, off for one batch]" if xla is None else ""))
 
 
 def load_or_exit(model: str | None, tokenizer: str | None) -> tuple[Any, Any]:

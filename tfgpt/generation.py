@@ -197,7 +197,7 @@ class Decoder:
         Two nested loops when the window may slide: the inner one `step`s while the window has room,
         the outer one slides it. (A slide test inside the per-token loop puts the caches through a
         conditional at every step, after which XLA copies them instead of updating them in place:
-        measured 2.5x slower per token at batch 8.)"""
+        bench/RESULTS.md, "Decoding under XLA".)"""
         state = self.init(prompts, total_len, settings)
         limit = tf.shape(state["buffer"])[1]
 
