@@ -84,7 +84,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 0.8,
     parser.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=xla,
                         help="compile the decoding loop with XLA: faster per token, but seconds to compile per shape "
-                             "(figures: bench/RESULTS.md)" + (" [default: on for --interactive, off for one batch]" if xla is None else ""))
+                             "(figures: bench/RESULTS.md)"
+                             + (" [default: on for --interactive, off for one batch]" if xla is None else ""))
 
 
 def load_or_exit(model: str | None, tokenizer: str | None) -> tuple[Any, Any]:

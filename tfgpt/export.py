@@ -12,8 +12,8 @@ Signatures:
 `generate` tokenises in the graph (tensorflow_text SentencepieceTokenizer built from the tokenizer's
 model proto), prepends the end-of-text token, keeps the last `context` prompt tokens, runs
 `tfgpt.generation.Decoder` (the same cached tf.while_loop and default sampler as the Python API: temperature
-0 = greedy, top_k 0 / top_p 1 = off, stop at end-of-text; the settings are checked by the same rules) and detokenises the new tokens. Only the model's
-variables are saved (no optimizer state). Loading:
+0 = greedy, top_k 0 / top_p 1 = off, stop at end-of-text; the settings are checked by the same rules) and
+detokenises the new tokens. Only the model's variables are saved (no optimizer state). Loading:
 
     import tensorflow as tf, tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
     m = tf.saved_model.load("exported/")

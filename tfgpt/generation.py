@@ -138,8 +138,9 @@ class Decoder:
         else:
             cache = tf.zeros([], tf.float32)
             logits = self.model(self._window(buffer, 0, window))  # (B, C, V)
-        return {"position": first, "window_start": tf.zeros([], tf.int32), "logits": tf.gather(logits, first - 1, axis=1),
-                "cache": cache, "buffer": buffer, "done": tf.zeros([batch], tf.bool), "n_new": tf.zeros([batch], tf.int32)}
+        return {"position": first, "window_start": tf.zeros([], tf.int32),
+                "logits": tf.gather(logits, first - 1, axis=1), "cache": cache, "buffer": buffer,
+                "done": tf.zeros([batch], tf.bool), "n_new": tf.zeros([batch], tf.int32)}
 
     def cond(self, state: dict[str, tf.Tensor], settings: dict[str, Any]) -> tf.Tensor:
         return (state["position"] < settings["stop"]) & ~tf.reduce_all(state["done"])

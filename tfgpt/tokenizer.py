@@ -163,7 +163,8 @@ class Tokenizer:
         return list(self._sp.EncodeAsIds(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` of each text, the fast way: identical ids (tests check), quicker on stories (bench/data_throughput.py measures it).
+        """`encode` of each text, the fast way: identical ids (tests check), quicker on stories
+        (bench/data_throughput.py measures it).
 
         Each text is cut into words (`_SEGMENT_RE`: a word with the spaces before it, a run of trailing
         spaces, or a newline) and each distinct word is encoded by SentencePiece once and remembered
