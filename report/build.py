@@ -220,9 +220,10 @@ def ngram_baselines(tokenizer_dir: Path, source: str, dev_fraction: float) -> di
     return _cached("ngram", _digest(sha, _data_identity(source), dev_fraction), run)
 
 
-def split_sizes(tokenizer_dir: Path, source: str, dev_fraction: float) -> dict[str, dict[str, int]]:
-    """Stories, tokens (of the stream `eos s1 eos s2 …`, as training counts them) and UTF-8 bytes of the
-    train, dev (when the run had one) and test splits; cached per tokenizer and data."""
+def split_sizes(tokenizer_dir: Path, source: str, dev_fraction: float, context: int) -> dict[str, dict[str, int]]:
+    """Stories, tokens (of the stream `eos s1 eos s2 …`, as training counts them), UTF-8 bytes and the
+    stories longer than the context (with their eos) of the train, dev (when the run had one) and test
+    splits; cached per tokenizer and data."""
     from tfgpt.stories import load_stories
     from tfgpt.tokenizer import Tokenizer
 
@@ -235,11 +236,12 @@ def split_sizes(tokenizer_dir: Path, source: str, dev_fraction: float) -> dict[s
         out = {}
         for name, split in names.items():
             stories = list(load_stories(source, split, dev_fraction=dev_fraction))
-            tokens = sum(len(ids) + 1 for ids in tok.encode_batch(stories))
-            out[name] = {"stories": len(stories), "tokens": tokens, "bytes": sum(len(s.encode()) for s in stories)}
+            lengths = [len(ids) + 1 for ids in tok.encode_batch(stories)]
+            out[name] = {"stories": len(stories), "tokens": sum(lengths), "bytes": sum(len(s.encode()) for s in stories),
+                         "longer_than_context": sum(n > context for n in lengths)}
         return out
 
-    return _cached("splits", _digest(tok.sha256, _data_identity(source), dev_fraction), compute)
+    return _cached("splits", _digest(tok.sha256, _data_identity(source), dev_fraction, context), compute)
 
 
 def train_vocabulary(source: str, dev_fraction: float) -> dict[str, Any]:
@@ -370,8 +372,10 @@ def story_measures(sample: dict[str, Any], vocab: set[str], names: set[str], tok
     content = {w.lower() for w in re.findall(r"[A-Za-z]+", sample["prompt"])} - STOPWORDS
     grams = Counter(tuple(lower[i : i + 4]) for i in range(len(lower) - 3))
     top = grams.most_common(1)[0] if grams else (("",), 0)
+    story_names = list(dict.fromkeys(w for w in words if w.lower() in names))
     return {"words": len(words), "invented": sum(w not in vocab for w in lower),
-            "names": len({w for w in lower if w in names}),
+            "invented_words": list(dict.fromkeys(w for w in words if w.lower() not in vocab)),
+            "names": len(story_names), "name_list": story_names,
             "ended": len(tokenizer.encode(sample["text"])) < sample["max_new_tokens"] - 2,
             "prompt_words": len(content), "prompt_reused": len(content & set(lower)),
             "top_4gram": " ".join(top[0]), "top_4gram_count": top[1]}
@@ -392,6 +396,8 @@ def samples_block(samples: list[dict[str, Any]], vocab: set[str], names: set[str
         words = sum(s["words"] for s in group)
         with_prompt = [s for s in group if s["prompt_words"]]
         worst = max(group, key=lambda s: s["top_4gram_count"])
+        most_named = max(group, key=lambda s: s["names"])
+        invented = list(dict.fromkeys(w for s in group for w in s["invented_words"]))
         settings = sorted({settings_text(s) for s in group})
         per_mode[mode] = {
             "label": label, "settings": settings, "n": len(group), **st,
@@ -400,6 +406,7 @@ def samples_block(samples: list[dict[str, Any]], vocab: set[str], names: set[str
             "names_per_story": statistics.fmean(s["names"] for s in group),
             "prompt_reuse": (sum(s["prompt_reused"] for s in with_prompt) / max(sum(s["prompt_words"] for s in with_prompt), 1)),
             "worst_4gram": worst["top_4gram"], "worst_4gram_count": worst["top_4gram_count"], "worst_id": worst["id"],
+            "invented_examples": invented[:6], "most_names_id": most_named["id"], "most_names": most_named["name_list"],
         }
     return {"per_mode": per_mode, "excerpt_words": EXCERPT_WORDS, "shown": [excerpt(s) for s in pick_excerpts(measured)],
             "all": [{k: s[k] for k in ("id", "prompt", "mode", "temperature", "top_k", "top_p", "seed",
@@ -512,7 +519,7 @@ def collect(run_dir: Path, logdir: Path, draft: bool, with_model: bool) -> dict[
         tokenizer_dir = run_dir / "tokenizer"
     tok = Tokenizer.load(tokenizer_dir)
     print("  split sizes, n-gram baselines, training vocabulary ...", flush=True)
-    sizes = split_sizes(tokenizer_dir, source, dev_fraction)
+    sizes = split_sizes(tokenizer_dir, source, dev_fraction, int(model_cfg["context"]))
     ngram = ngram_baselines(tokenizer_dir, source, dev_fraction or 0.05)
     vocab = train_vocabulary(source, dev_fraction)
 
@@ -550,8 +557,15 @@ def collect(run_dir: Path, logdir: Path, draft: bool, with_model: bool) -> dict[
                   "last_train_loss": fmt(epochs[-1]["train_loss"]),
                   "best_is_last": best["epoch"] == epochs[-1]["epoch"],
                   "epochs": [{k: e[k] for k in ("epoch", "step", "train_loss", "val_loss")} for e in epochs],
+                  "epoch_rows": [{"epoch": str(e["epoch"]) + (" (partial)" if e.get("partial") else ""),
+                                  "tokens": fmt(e["tokens_seen"] / 1e6, 1), "lr": f"{e['learning_rate']:.2e}",
+                                  "train_loss": fmt(e["train_loss"]), "val_loss": fmt(e["val_loss"]),
+                                  "val_bpb": fmt(e["val_loss"] * to_bpb) if to_bpb else "–",
+                                  "best": e["epoch"] == metrics["best_epoch"]} for e in epochs],
                   "versions": config.get("versions", {})},
-        "data": {**sizes, "rows": [{"split": k, **{f: f"{v[f]:,}" for f in ("stories", "tokens", "bytes")}}
+        "data": {**sizes, "test_mean_tokens": fmt(sizes["test"]["tokens"] / sizes["test"]["stories"], 0),
+                 "test_over_context_pct": fmt(100 * sizes["test"]["longer_than_context"] / sizes["test"]["stories"], 0),
+                 "rows": [{"split": k, **{f: f"{v[f]:,}" for f in ("stories", "tokens", "bytes")}}
                                    for k, v in sizes.items()], "source": source, "train_text_mb": fmt(train_text / 1e6, 1), "train_stories": f"{train_stories:,}",
                  "bytes_per_token": fmt(sizes["train"]["bytes"] / sizes["train"]["tokens"], 2),
                  "share_of_tinystories_pct": fmt(100 * train_stories / external["tinystories"]["train_stories"], 2),

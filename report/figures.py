@@ -73,8 +73,8 @@ def experiments(size_runs: list[dict[str, Any]], ablation_runs: list[dict[str, A
     """Three panels: (a) train loss of the model sizes at one compute budget against tokens, (b) the
     same for the ablations, (c) dev bits/byte against the share of the training text, with the fit."""
     fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 1.95), layout="constrained")
-    for ax, runs, title in ((axes[0], size_runs, "(a) model size, ~8 min each"),
-                            (axes[1], ablation_runs, "(b) ablations of s6, ~8 min each")):
+    for ax, runs, title in ((axes[0], size_runs, "(a) model size, 8 min each"),
+                            (axes[1], ablation_runs, "(b) ablations of s6, 8 min each")):
         for r in runs:
             tokens = r["train"]["batch_size"] * r["model"]["context"] / 1e6
             ax.plot([s * tokens for s, _ in r["curve"]], [v for _, v in r["curve"]],
@@ -84,7 +84,7 @@ def experiments(size_runs: list[dict[str, Any]], ablation_runs: list[dict[str, A
         ax.set_ylim(3.0, 7.0)
         ax.set_title(title, loc="left")
         ax.grid(alpha=0.25, lw=0.4)
-        ax.legend(frameon=False, loc="upper right", handlelength=1.2)
+        ax.legend(frameon=False, loc="upper right" if runs is size_runs else "center right", handlelength=1.2)
     ax = axes[2]
     f = [p["fraction"] for p in scaling["points"]]
     ax.plot(f, [p["dev_bpb"] for p in scaling["points"]], "o", color="#d62728", ms=3.5, label="dev (measured)")
@@ -97,16 +97,16 @@ def experiments(size_runs: list[dict[str, Any]], ablation_runs: list[dict[str, A
         e, a, alpha = scaling["fit"]["E"], scaling["fit"]["A"], scaling["fit"]["alpha"]
         xs = np.geomspace(min(f), 10.0, 100)
         ax.plot(xs, e + a * xs**-alpha, color="0.3", lw=0.8,
-                label=f"fit {e:.3f} + {a:.4f} f$^{{-{alpha:.2f}}}$ (dashed: projection)")
+                label="fit (dashed: projection)")
         ax.plot(xs[xs > 1], (e + a * xs**-alpha)[xs > 1], color="white", lw=0.8, ls=(0, (3, 3)))
     values = [p["dev_bpb"] for p in scaling["points"]] + [t for _, t in tests]
     low, high = min(values), max(values)
-    ax.set_ylim(low - 0.1 * (high - low), high + 0.75 * (high - low))  # room for the legend above the points
+    ax.set_ylim(low - 0.1 * (high - low), high + 0.9 * (high - low))  # room for the legend above the points
     ax.set_xscale("log")
     ax.set_xticks([0.125, 0.25, 0.5, 1, 4, 10], ["⅛", "¼", "½", "1", "4", "10"])
     ax.set_xlabel("share f of the training stories (log)")
     ax.set_ylabel("bits / byte")
-    ax.set_title("(c) data scaling: s6 recipe, ~8 min each", loc="left")
+    ax.set_title("(c) data scaling, s6, 8 min each", loc="left")
     ax.grid(alpha=0.25, lw=0.4)
     ax.legend(frameon=False, loc="upper right")
     return _save(fig, path)
@@ -118,7 +118,7 @@ def attention(maps: list[dict[str, Any]], tokens: list[str], path: Path) -> Path
 
     n_rows, n_heads = len(maps), len(maps[0]["probs"])
     t = len(tokens)
-    fig, axes = plt.subplots(n_rows, n_heads, figsize=(FULL_WIDTH, 1.32 * n_rows + 0.55), layout="constrained",
+    fig, axes = plt.subplots(n_rows, n_heads, figsize=(FULL_WIDTH, 1.2 * n_rows + 0.45), layout="constrained",
                              squeeze=False)
     for r, layer in enumerate(maps):
         for h in range(n_heads):
@@ -130,8 +130,8 @@ def attention(maps: list[dict[str, Any]], tokens: list[str], path: Path) -> Path
             ax.set_title(f"layer {layer['layer'] + 1}, head {h + 1}: prev {s['previous']:.2f}", fontsize=6)
             ax.set_xticks(range(t))
             ax.set_yticks(range(t))
-            ax.set_xticklabels(tokens if r == n_rows - 1 else [], rotation=90, fontsize=4.6)
-            ax.set_yticklabels(tokens if h == 0 else [], fontsize=4.6)
+            ax.set_xticklabels(tokens if r == n_rows - 1 else [], rotation=90, fontsize=5.2)
+            ax.set_yticklabels(tokens if h == 0 else [], fontsize=5.2)
             ax.tick_params(length=0, pad=1)
             for spine in ax.spines.values():
                 spine.set_visible(False)
