@@ -221,7 +221,7 @@ def ngram_baselines(tokenizer_dir: Path, source: str, dev_fraction: float) -> di
 
 
 def split_sizes(tokenizer_dir: Path, source: str, dev_fraction: float, context: int) -> dict[str, dict[str, int]]:
-    """Stories, tokens (of the stream `eos s1 eos s2 …`, as training counts them), UTF-8 bytes and the
+    """Stories, tokens (of the stream `eos s1 eos s2 … eos`, as training counts them), UTF-8 bytes and the
     stories longer than the context (with their eos) of the train, dev (when the run had one) and test
     splits; cached per tokenizer and data."""
     from tfgpt.stories import load_stories
@@ -237,7 +237,8 @@ def split_sizes(tokenizer_dir: Path, source: str, dev_fraction: float, context: 
         for name, split in names.items():
             stories = list(load_stories(source, split, dev_fraction=dev_fraction))
             lengths = [len(ids) + 1 for ids in tok.encode_batch(stories)]
-            out[name] = {"stories": len(stories), "tokens": sum(lengths), "bytes": sum(len(s.encode()) for s in stories),
+            # eos s1 eos s2 … eos: one eos before each story and the closing one (tfgpt's token cache counts the same)
+            out[name] = {"stories": len(stories), "tokens": sum(lengths) + 1, "bytes": sum(len(s.encode()) for s in stories),
                          "longer_than_context": sum(n > context for n in lengths)}
         return out
 
@@ -668,6 +669,13 @@ def compile_pdf(typ: Path = TYP, pdf: Path = PDF) -> int:
     return len(pypdf.PdfReader(pdf).pages)
 
 
+def body_pages(typ: Path = TYP) -> int:
+    """The page where the report's body ends (the `<body-end>` mark before the references)."""
+    import typst
+
+    return int(json.loads(typst.query(str(typ), "<body-end>", field="value", root=str(REPO)))[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, default=REPO / "runs" / "shipped")
@@ -686,8 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(NUMBERS)
         print(f"  wrote {rel(NUMBERS)} and {rel(FIG)}/", flush=True)
         if not args.no_compile:
-            compile_pdf()
-            print(f"  wrote {rel(PDF)}" + (" (DRAFT: " + "; ".join(numbers["notes"]) + ")" if numbers["draft"] else ""))
+            pages, body = compile_pdf(), body_pages()
+            print(f"  wrote {rel(PDF)}: {pages} pages, the body on {body}" + (" (over the limit of 5)" if body > 5 else "")
+                  + (" (DRAFT: " + "; ".join(numbers["notes"]) + ")" if numbers["draft"] else ""))
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

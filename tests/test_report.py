@@ -50,19 +50,21 @@ def text(pages: list[str]) -> str:
 
 
 def test_at_most_five_pages_before_references(pages: list[str]) -> None:
-    starts = [i for i, page in enumerate(pages) if re.search(r"^References\s*$", page, re.M)]
-    assert starts, "no References heading in report.pdf"
-    first = starts[0]  # 0-based page where the references start
-    assert first <= 4 or (first == 5 and not pages[5].split("References")[0].strip()), (
-        f"References start on page {first + 1}: the body runs past 5 pages")
+    import typst
+
+    # report.typ marks the page where the body ends, just before the bibliography
+    body_end = json.loads(typst.query(str(build.TYP), "<body-end>", field="value", root=str(REPO)))
+    assert body_end == [build.body_pages()] and body_end[0] <= 5, f"the body runs to page {body_end}"
+    starts = [i + 1 for i, page in enumerate(pages) if re.search(r"^References\s*$", page, re.M)]
+    assert starts == [body_end[0]], f"References heading on pages {starts}, body ends on page {body_end[0]}"
 
 
 def test_committed_pdf_is_the_compiled_report() -> None:
-    """report.pdf is what report.typ makes from the committed numbers.json and figures (same text)."""
+    """report.pdf is exactly what report.typ makes from the committed numbers.json and figures."""
     import typst
 
-    fresh = typst.compile(str(build.TYP), root=str(REPO))
-    assert pdf_text(fresh) == pdf_text(build.PDF), "report.pdf is stale: run python report/build.py"
+    assert typst.compile(str(build.TYP), root=str(REPO)) == build.PDF.read_bytes(), (
+        "report/report.pdf is stale: run python report/build.py")
 
 
 def test_numbers_were_built_from_the_current_run_files() -> None:
@@ -101,6 +103,13 @@ def test_model_and_training_numbers_equal_config_and_metrics() -> None:
     assert t["best_epoch"] == metrics["best_epoch"] and t["best_val_loss"] == f"{metrics['best_val_loss']:.3f}"
     assert t["global_step"] == metrics["global_step"] and t["tokens_seen"] == metrics["tokens_seen"]
     assert [e["val_loss"] for e in t["epochs"]] == [e["val_loss"] for e in metrics["epochs"]]
+    for row, e in zip(t["epoch_rows"], metrics["epochs"], strict=True):
+        assert (row["train_loss"], row["val_loss"]) == (f"{e['train_loss']:.3f}", f"{e['val_loss']:.3f}")
+        assert row["best"] == (e["epoch"] == metrics["best_epoch"])
+    if config["data"]["train"] == N["data"]["source"]:  # the run trained on today's data: same token counts
+        assert N["data"]["train"]["tokens"] == config["data"]["train_tokens"]
+        if t["dev_fraction"]:
+            assert N["data"]["dev"]["tokens"] == config["data"]["val_tokens"]
 
 
 def test_baselines_table(text: str) -> None:
