@@ -557,6 +557,8 @@ def collect(run_dir: Path, logdir: Path, draft: bool, with_model: bool) -> dict[
                   "last_epoch": epochs[-1]["epoch"], "last_val_loss": fmt(epochs[-1]["val_loss"]),
                   "last_train_loss": fmt(epochs[-1]["train_loss"]),
                   "best_is_last": best["epoch"] == epochs[-1]["epoch"],
+                  "test_above_best": ev["loss"] > metrics["best_val_loss"],
+                  "test_minus_best": fmt(abs(ev["loss"] - metrics["best_val_loss"])),
                   "epochs": [{k: e[k] for k in ("epoch", "step", "train_loss", "val_loss")} for e in epochs],
                   "epoch_rows": [{"epoch": str(e["epoch"]) + (" (partial)" if e.get("partial") else ""),
                                   "tokens": fmt(e["tokens_seen"] / 1e6, 1), "lr": f"{e['learning_rate']:.2e}",
@@ -657,10 +659,11 @@ def collect(run_dir: Path, logdir: Path, draft: bool, with_model: bool) -> dict[
 
 
 def compile_pdf(typ: Path = TYP, pdf: Path = PDF) -> int:
-    """report.typ -> report.pdf (typst in-process, the repository as the root). Returns the page count."""
+    """report.typ -> report.pdf (typst in-process, the repository as the root, only the fonts typst embeds, so the
+    same inputs give the same bytes on any machine). Returns the page count."""
     import typst
 
-    data = typst.compile(str(typ), root=str(REPO))
+    data = typst.compile(str(typ), root=str(REPO), ignore_system_fonts=True)
     tmp = pdf.with_name(f".{pdf.name}.tmp")
     tmp.write_bytes(data)
     tmp.replace(pdf)
@@ -673,7 +676,8 @@ def body_pages(typ: Path = TYP) -> int:
     """The page where the report's body ends (the `<body-end>` mark before the references)."""
     import typst
 
-    return int(json.loads(typst.query(str(typ), "<body-end>", field="value", root=str(REPO)))[0])
+    return int(json.loads(typst.query(str(typ), "<body-end>", field="value", root=str(REPO),
+                                       ignore_system_fonts=True))[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,8 @@ def test_at_most_five_pages_before_references(pages: list[str]) -> None:
     import typst
 
     # report.typ marks the page where the body ends, just before the bibliography
-    body_end = json.loads(typst.query(str(build.TYP), "<body-end>", field="value", root=str(REPO)))
+    body_end = json.loads(typst.query(str(build.TYP), "<body-end>", field="value", root=str(REPO),
+                                      ignore_system_fonts=True))
     assert body_end == [build.body_pages()] and body_end[0] <= 5, f"the body runs to page {body_end}"
     starts = [i + 1 for i, page in enumerate(pages) if re.search(r"^References\s*$", page, re.M)]
     assert starts == [body_end[0]], f"References heading on pages {starts}, body ends on page {body_end[0]}"
@@ -63,7 +64,7 @@ def test_committed_pdf_is_the_compiled_report() -> None:
     """report.pdf is exactly what report.typ makes from the committed numbers.json and figures."""
     import typst
 
-    assert typst.compile(str(build.TYP), root=str(REPO)) == build.PDF.read_bytes(), (
+    assert typst.compile(str(build.TYP), root=str(REPO), ignore_system_fonts=True) == build.PDF.read_bytes(), (
         "report/report.pdf is stale: run python report/build.py")
 
 
@@ -208,3 +209,15 @@ def test_attention_recomputation_is_checked_against_the_layer(monkeypatch: pytes
     monkeypatch.setattr(attention, "causal_attention", no_scale)
     with pytest.raises(attention.AttentionMismatch):
         attention.attention_maps(model, ids, [1])
+
+
+def test_every_path_the_report_names_exists() -> None:
+    """File names in report.typ's prose and tables (tfgpt/, tests/, bench/, report/, docs/, runs/) are real."""
+    source = build.TYP.read_text(encoding="utf-8")
+    named = set(re.findall(r"(?<![\w/])((?:tfgpt|tests|bench|report|docs|tokenizer)/[\w./-]*\.(?:py|md|png|json|yml))", source))
+    assert len(named) > 10
+    table = source[source.index("<tab:code>") - 2000: source.index("<tab:code>")]  # the code-map table
+    named |= {f"tfgpt/{m}" for m in re.findall(r'code\("((?:training/)?[a-z_]+\.py)"\)', table) if not m.startswith("test_")}
+    named |= {f"tests/{m}" for m in re.findall(r"\b(test_\w+\.py)", source)}
+    missing = sorted(p for p in named if not (REPO / p).is_file())
+    assert not missing, f"report.typ names files that do not exist: {missing}"
