@@ -180,7 +180,8 @@ def _data_identity(source: str) -> list[Any]:
 
 
 def _cached(name: str, key: str, compute: Any) -> Any:
-    path = CACHE / f"{name}.json"
+    """compute(), kept in report/build/cache/NAME-KEY.json (not in git) for the next build with the same key."""
+    path = CACHE / f"{name}-{key}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
