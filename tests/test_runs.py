@@ -129,18 +129,6 @@ def test_a_run_decodes_with_the_tokenizer_it_was_trained_with(tmp_path):
         load_model(run, tmp_path / "tok_b")
 
 
-def test_the_shipped_run_loads_with_its_pinned_tokenizer():
-    from tfgpt.runs import DEFAULT_MODEL, load_model
-
-    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    assert tokenizer.path.parent == DEFAULT_MODEL / "tokenizer"
-    assert tokenizer.sha256 == config["tokenizer_info"]["sha256"]
-    assert model.count_params() == config["resolved"]["parameters"]
-    assert {k: v for k, v in model.config.to_dict().items() if k in config["model"]} == {
-        k: v for k, v in config["model"].items() if k in model.config.to_dict()}
-
-
 def test_atomic_write_syncs_file_and_directory_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     from tfgpt import common
 
@@ -156,3 +144,20 @@ def test_atomic_write_syncs_file_and_directory_and_a_failed_write_leaves_the_old
         f.write(b"half")
         raise RuntimeError("disk gone")
     assert target.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_source_revision_names_the_checkout_commit_and_nothing_outside_git(tmp_path):
+    import subprocess
+
+    from tfgpt.common import source_revision
+
+    assert source_revision(tmp_path) is None  # not a git checkout: no commit is claimed
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f.txt").write_text("a")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert source_revision(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "f.txt").write_text("b")
+    assert source_revision(tmp_path) == {"commit": head, "dirty": True}

@@ -151,6 +151,9 @@ def test_short_run_lowers_validation_loss_and_writes_the_run_directory(short_run
     assert config["tokenizer"] == "tokenizer" and pinned.sha256 == config["tokenizer_info"]["sha256"]
     assert pinned.model_proto == Tokenizer.load(cfg.tokenizer).model_proto
     assert config["data"]["train"] == cfg.data and config["schedule"]["total_steps"] == 334
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI clones one): the run names the commit it was trained from
+        assert config["source"]["commit"] == head.stdout.strip() and isinstance(config["source"]["dirty"], bool)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and len(metrics["epochs"]) == 2

@@ -102,6 +102,23 @@ def repo_relative(path: str | Path) -> str:
         return str(path)
 
 
+def source_revision(root: str | Path = REPO_ROOT) -> dict[str, Any] | None:
+    """The git commit the code runs from, {"commit": sha, "dirty": tracked files edited}, recorded in a run's
+    config.json so a model names the code that trained it; None outside a git checkout (or without git)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
 def replace_directory(tmp: str | Path, out_dir: str | Path) -> Path:
     """Move the finished directory `tmp` to `out_dir`, replacing any old one, never leaving `out_dir` half
     written (the old directory is moved aside first and removed after the rename)."""

@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfgpt.common import repo_relative
+from tfgpt.common import repo_relative, source_revision
 from tfgpt.data import make_dataset
 from tfgpt.model import GPT
 from tfgpt.runs import (
@@ -129,6 +129,7 @@ class Job:
                          "parameters": int(self.model.count_params())},
             "identity": cfg.identity_hash(),
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": sys.version.split()[0]},
+            "source": source_revision(),
         }  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
