@@ -293,7 +293,7 @@ def terminal_shot(name: str, commands: Sequence[str], cwd: Path, env: dict[str, 
                   *, size: tuple[int, int] = (100, 30), timeout: float = 300) -> None:
     """Type `commands` at a bash prompt in an xterm (cwd `cwd`), run them, capture the window when done."""
     marker, winid = tmp / f"{name}.done", tmp / f"{name}.windowid"
-    prompt = shlex.quote(f"\\033[1;32m{cwd}\\033[0m$ ")
+    prompt = shlex.quote("\\033[1;32mtfgpt\\033[0m$ ")  # a neutral prompt: the repository, not this machine's path
     lines = ["cd " + shlex.quote(str(cwd)), f'echo "$WINDOWID" > {shlex.quote(str(winid))}', "rc=0"]
     for command in commands:
         lines += [f"printf '%b%s\\n' {prompt} {shlex.quote(command)}", command, "rc=$?"]
