@@ -353,7 +353,8 @@ def savedmodel_shot(run: str, out: Path, tmp: Path) -> None:
         raise ScreenshotError(f"no SavedModel in {saved}")
     work = Path(tempfile.mkdtemp(prefix="plain-tf-"))  # no tfgpt here, and PYTHONPATH is unset
     try:
-        (work / "use_savedmodel.py").write_text(SNIPPET.format(path=saved))
+        (work / "saved_model").symlink_to(saved)  # a relative path in the snippet, not this machine's
+        (work / "use_savedmodel.py").write_text(SNIPPET.format(path="saved_model"))
         commands = ["python -c 'import tfgpt' 2>&1 | tail -1", "cat use_savedmodel.py",
                     "python use_savedmodel.py 2>/dev/null"]
         terminal_shot("savedmodel_plain_tf", commands, work, terminal_env(TF_CPP_MIN_LOG_LEVEL="3"), out, tmp,
