@@ -27,12 +27,14 @@ def shipped():
     return load_model(SHIPPED)
 
 
-def test_the_shipped_files_are_all_there_and_small():
+def test_the_shipped_files_are_all_there_with_no_optimizer_state():
     for name in ("model.keras", "config.json", "metrics.json", "eval.json", "samples.md", "samples.json",
                  "saved_model/saved_model.pb", "tokenizer/tokenizer.model"):
         assert (SHIPPED / name).is_file(), f"runs/shipped/{name} is missing"
     total = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
-    assert total < 60 * 2**20, f"runs/shipped holds {total / 2**20:.1f} MiB (keep it under 60)"
+    # Two float32 copies of the weights (model.keras, saved_model/) and small files; no optimizer state.
+    weights = 4 * _json("config.json")["resolved"]["parameters"]
+    assert total < 2 * weights + 8 * 2**20, f"runs/shipped holds {total / 2**20:.1f} MiB: more than its weights"
     assert not (SHIPPED / "backup").exists(), "the shipped run must not carry its resumable backup"
 
 
