@@ -416,14 +416,10 @@ def samples_block(samples: list[dict[str, Any]], vocab: set[str], names: set[str
 
 
 def settings_text(s: dict[str, Any]) -> str:
-    if s["mode"] == "greedy":
-        return "greedy (temperature 0)"
-    parts = [f"temperature {s['temperature']:g}"]
-    if s["top_k"]:
-        parts.append(f"top-k {s['top_k']}")
-    if s["top_p"] < 1:
-        parts.append(f"top-p {s['top_p']:g}")
-    return ", ".join(parts) + f", seed {s['seed']}"
+    """The sampling settings of a samples.json record in words (the wording of runs/shipped/samples.md)."""
+    from tfgpt.samples import describe
+
+    return describe(s)
 
 
 def pick_excerpts(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
