@@ -13,7 +13,9 @@ Signatures:
 model proto), prepends the end-of-text token, keeps the last `context` prompt tokens, runs
 `tfgpt.generation.Decoder` (the same cached tf.while_loop and default sampler as the Python API: temperature
 0 = greedy, top_k 0 / top_p 1 = off, stop at end-of-text; the settings are checked by the same rules) and
-detokenises the new tokens. Only the model's variables are saved (no optimizer state). Loading:
+detokenises the new tokens. Only the model's weights are saved (no optimizer state), as their own variables in
+`weights_dtype` (`--weights-dtype float16` halves the files): the traced model reads them cast back to its own
+dtype (through a `keras.StatelessScope`), so the graph computes in float32 either way. Loading:
 
     import tensorflow as tf, tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
     m = tf.saved_model.load("exported/")
@@ -38,6 +40,7 @@ from tfgpt.common import quiet_stderr, quiet_tensorflow, replace_directory
 if __name__ == "__main__":  # `python -m tfgpt.export`: no C++ start-up lines before our own output
     quiet_tensorflow()
 
+import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfgpt.config import SAMPLING_RULES  # noqa: E402
@@ -45,6 +48,8 @@ from tfgpt.generation import Decoder  # noqa: E402
 
 #: What `tf.saved_model.save` writes: the only entries a directory may hold for an export to replace it.
 SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "variables", "assets", "assets.extra", "fingerprint.pb"})
+#: How an export may store the model's floating-point weights (`--weights-dtype`).
+WEIGHT_DTYPES = ("float32", "float16")
 
 
 class ExportError(ValueError):
@@ -54,10 +59,21 @@ class ExportError(ValueError):
 class GPTExport(tf.Module):
     """The exported module: the model's variables, the in-graph tokenizer and the two signatures."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, weights_dtype: str = "float32") -> None:
         super().__init__(name="tfgpt")
-        # Track the variables themselves (not the Keras model, which would also drag in an optimizer).
-        self.model_variables = [v.value if hasattr(v, "value") else v for v in model.variables]
+        # The module's own copies of the weights (not the Keras model, which would also drag in an optimizer),
+        # floating-point ones stored as `weights_dtype`; the traced calls read them through `weights()`.
+        self.model_variables = [
+            tf.Variable(tf.cast(v.value, weights_dtype) if v.dtype.startswith("float") else v.value,
+                        trainable=False, name=v.path)
+            for v in model.variables
+        ]
+        pairs = list(zip(model.variables, self.model_variables, strict=True))
+
+        def weights() -> keras.StatelessScope:
+            """Inside this scope the model's variables read as the stored copies, cast to their own dtype."""
+            return keras.StatelessScope(state_mapping=[(v, tf.cast(s, v.dtype)) for v, s in pairs])
+
         self.sp = tokenizer.tf_tokenizer()
         context = int(model.config.context)
         eos = int(tokenizer.eos_id)
@@ -73,7 +89,8 @@ class GPTExport(tf.Module):
 
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
         def serve(token_ids):
-            return {"logits": model(token_ids)}
+            with weights():
+                return {"logits": model(token_ids)}
 
         @tf.function(input_signature=[
             tf.TensorSpec([None], tf.string, name="prompts"),
@@ -94,7 +111,8 @@ class GPTExport(tf.Module):
             lengths = tf.cast(ids.row_lengths(), tf.int32)
             settings = decoder.settings(lengths, max_new_tokens, temperature, top_k, top_p, seed, eos)
             total = tf.reduce_max(lengths) + max_new_tokens
-            buffer, n_new = decoder.run(ids.to_tensor(0), total, settings)
+            with weights():
+                buffer, n_new = decoder.run(ids.to_tensor(0), total, settings)
             positions = tf.range(tf.shape(buffer)[1])[None, :]
             is_new = (positions >= lengths[:, None]) & (positions < (lengths + n_new)[:, None])
             new_ids = tf.ragged.boolean_mask(buffer, is_new)
@@ -124,11 +142,14 @@ def check_export_dir(out_dir: str | Path) -> None:
                           "name a new or empty directory, or an old SavedModel to overwrite")
 
 
-def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write `model` + `tokenizer` as a SavedModel directory `out_dir` and return it. A new or empty directory,
-    or an old SavedModel, is replaced whole once the new one is written (the old one stays readable until
-    then); anything else is refused with ExportError."""
+def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path, weights_dtype: str = "float32") -> Path:
+    """Write `model` + `tokenizer` as a SavedModel directory `out_dir` and return it, the weights stored as
+    `weights_dtype` (one of WEIGHT_DTYPES). A new or empty directory, or an old SavedModel, is replaced whole
+    once the new one is written (the old one stays readable until then); anything else is refused with
+    ExportError."""
     out_dir = Path(out_dir)
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ExportError(f"unknown weights dtype {weights_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
     check_export_dir(out_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ExportError(
@@ -136,7 +157,7 @@ def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
             "export the model with the tokenizer it was trained with"
         )
     with quiet_stderr():  # building the in-graph SentencePiece op logs from C++ too
-        module = GPTExport(model, tokenizer)
+        module = GPTExport(model, tokenizer, weights_dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -155,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="run directory (model.keras + config.json) or .keras file")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir/.model (default: the run's)")
     parser.add_argument("--out", required=True, help="SavedModel directory to write")
+    parser.add_argument("--weights-dtype", choices=WEIGHT_DTYPES, default="float32",
+                        help="how to store the weights (float16: half the size; the graph computes in float32)")
     args = parser.parse_args(argv)
 
     from tfgpt.runs import RunError, load_model
@@ -166,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         model, tokenizer = load_model(args.model, args.tokenizer)
-        path = export_saved_model(model, tokenizer, args.out)
+        path = export_saved_model(model, tokenizer, args.out, args.weights_dtype)
     except (RunError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
