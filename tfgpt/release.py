@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReleaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("now re-run evaluate.py --json RUN/eval.json and python -m tfgpt.samples: the weights changed")
+    print(f"the weights changed: re-run python evaluate.py --model {args.run} --json {Path(args.run) / 'eval.json'} "
+          "(with the run's own settings) and python -m tfgpt.samples")
     return 0
 
 
