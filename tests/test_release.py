@@ -106,8 +106,12 @@ def test_release_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'missing'} is not a trained run")
 
 
-def test_export_refuses_an_unknown_weights_dtype(trained, tmp_path):
+def test_export_refuses_an_unknown_weights_dtype_or_a_weight_float16_cannot_hold(trained, tmp_path):
     _, model, tokenizer = trained
     with pytest.raises(ExportError, match="unknown weights dtype 'int8'; use one of float32, float16"):
         export_saved_model(model, tokenizer, tmp_path / "out", weights_dtype="int8")
+    big = build_model(GPTConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size))
+    big.weights[0].assign(np.full(big.weights[0].shape, -7e4, np.float32))
+    with pytest.raises(ExportError, match=f"weight {big.weights[0].path} exceeds the float16 range"):
+        export_saved_model(big, tokenizer, tmp_path / "out", weights_dtype="float16")
     assert not (tmp_path / "out").exists()

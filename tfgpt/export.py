@@ -41,6 +41,7 @@ if __name__ == "__main__":  # `python -m tfgpt.export`: no C++ start-up lines be
     quiet_tensorflow()
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfgpt.config import SAMPLING_RULES  # noqa: E402
@@ -150,6 +151,11 @@ def export_saved_model(model: Any, tokenizer: Any, out_dir: str | Path, weights_
     out_dir = Path(out_dir)
     if weights_dtype not in WEIGHT_DTYPES:
         raise ExportError(f"unknown weights dtype {weights_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
+    limit = float(np.finfo(weights_dtype).max)  # a weight beyond it would be stored as infinity
+    for v in model.variables:
+        if v.dtype.startswith("float") and float(np.max(np.abs(np.asarray(v)))) > limit:
+            raise ExportError(f"weight {v.path} exceeds the {weights_dtype} range (|w| > {limit:g}); "
+                              "export it with --weights-dtype float32")
     check_export_dir(out_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ExportError(
